@@ -1,0 +1,272 @@
+//! The students' login page (the seed's 在学生ログイン), the step-up page that asks only for the
+//! second password, and the menu page a sign-in without a pending request leads to.
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+use minijinja::context;
+use serde::Deserialize;
+
+use super::csrf::{self, Browser};
+use super::levels::{decide, Decision};
+use super::normalize_username;
+use super::session::{self, set_cookie, SESSION_COOKIE};
+use crate::app::{see_other, AppState};
+use crate::clock::{random_bytes, random_id, random_token};
+use crate::crypto::{b64url, token_digest};
+use crate::directory::DirectoryError;
+use crate::error::PageError;
+use crate::oidc::authorize::{issue_code, load_transaction, AuthRequest};
+use crate::oidc::params::{is_form, Params};
+use crate::store::{Account, BrowserSession, LoginTransaction};
+use crate::ui::Locale;
+
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    tx: Option<String>,
+    lang: Option<String>,
+}
+
+type Pending = Option<(LoginTransaction, AuthRequest)>;
+
+async fn pending(state: &AppState, tx: Option<&str>, browser: &Browser) -> Result<Pending, PageError> {
+    match tx.filter(|t| !t.is_empty()) {
+        Some(tx) => Ok(Some(load_transaction(state, tx, browser).await?)),
+        None => Ok(None),
+    }
+}
+
+fn page_locale(state: &AppState, headers: &HeaderMap, lang: Option<&str>, pending: &Pending) -> Locale {
+    let ui_locales = pending.as_ref().and_then(|(_, r)| r.ui_locales.as_deref());
+    state.locale_for(headers, lang, ui_locales)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn login_form(
+    state: &AppState,
+    headers: &HeaderMap,
+    browser: &Browser,
+    locale: Locale,
+    pending: &Pending,
+    username: Option<&str>,
+    error: Option<&str>,
+    status: StatusCode,
+) -> Result<Response, PageError> {
+    let ctx = context! {
+        tx => pending.as_ref().map(|(tx, _)| tx.id.clone()),
+        username => username.map(str::to_string).or_else(|| pending.as_ref().and_then(|(_, r)| r.login_hint.clone())),
+        error => error,
+        password_change_url => state.config.password_change_url.clone(),
+    };
+    state.page_with_status(status, locale, "login.html", ctx, browser, headers)
+}
+
+pub async fn login_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<PageQuery>,
+) -> Result<Response, PageError> {
+    let browser = Browser::from_headers(&state, &headers);
+    let pending = pending(&state, query.tx.as_deref(), &browser).await?;
+    let locale = page_locale(&state, &headers, query.lang.as_deref(), &pending);
+    login_form(&state, &headers, &browser, locale, &pending, None, None, StatusCode::OK)
+}
+
+fn read_form(headers: &HeaderMap, body: &Bytes) -> Result<Params, PageError> {
+    if !is_form(headers) {
+        return Err(PageError::bad_request("error_invalid_request", "form expected"));
+    }
+    Params::parse(body).map_err(|e| PageError::bad_request("error_invalid_request", e.describe()))
+}
+
+pub async fn login_submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, PageError> {
+    let params = read_form(&headers, &body)?;
+    let browser = csrf::verify(&state, &headers, params.get("csrf").unwrap_or("")).ok_or_else(PageError::csrf)?;
+    let pending = pending(&state, params.get("tx"), &browser).await?;
+    let locale = page_locale(&state, &headers, params.get("lang"), &pending);
+    let username = normalize_username(params.get("username").unwrap_or(""));
+    let password = params.get("password").unwrap_or("");
+    let second_password = params.get("second_password").unwrap_or("");
+    let fail = |key: &str| {
+        login_form(&state, &headers, &browser, locale, &pending, Some(&username), Some(key), StatusCode::OK)
+    };
+    // An empty password is an unauthenticated bind to some directories: refuse it before asking.
+    if username.is_empty() || password.is_empty() || username.len() > 256 || password.len() > 1024 {
+        return fail("login_failed");
+    }
+    let user = match state.directory.authenticate(&username, password).await {
+        Ok(user) => user,
+        Err(DirectoryError::InvalidCredentials | DirectoryError::Disabled) => return fail("login_failed"),
+        Err(DirectoryError::PasswordExpired) => return fail("password_expired"),
+        Err(DirectoryError::Unavailable(why)) => {
+            tracing::warn!(reason = %why, "directory unavailable at login");
+            return Err(PageError::unavailable().in_locale(locale));
+        }
+    };
+    let claims = serde_json::Value::Object(user.claims.clone()).to_string();
+    let account = state
+        .store
+        .upsert_account(&user.id, &user.username, &claims, &random_id(), &b64url(&random_bytes::<16>()), state.clock.now())
+        .await?;
+    let second_checked = match (&account.second_password_hash, second_password.is_empty()) {
+        (Some(hash), false) => {
+            if !state.hasher.verify(Some(hash), second_password).await {
+                return fail("login_failed");
+            }
+            true
+        }
+        _ => false,
+    };
+    let existing = session::current(&state, &headers).await?;
+    let existing = match existing {
+        Some(old) if old.account_id != account.id => {
+            // Another student signs in on this browser: the previous one is logged out everywhere.
+            crate::oidc::logout::end_session(&state, &old).await?;
+            None
+        }
+        other => other,
+    };
+    let (session, cookie, _) = session::sign_in(&state, existing, &account.id, second_checked).await?;
+    let mut response = continue_after_login(&state, pending, &session, &account).await?;
+    response
+        .headers_mut()
+        .append(header::SET_COOKIE, set_cookie(&state, SESSION_COOKIE, &cookie, None));
+    Ok(response)
+}
+
+/// After a successful check: finish the pending request, ask for the step-up, or open the menu.
+async fn continue_after_login(
+    state: &AppState,
+    pending: Pending,
+    session: &BrowserSession,
+    account: &Account,
+) -> Result<Response, PageError> {
+    let Some((tx, request)) = pending else {
+        return Ok(see_other("/account"));
+    };
+    let client = crate::oidc::clients::find(state, &request.client_id)
+        .await
+        .map_err(|_| PageError::internal("client lookup failed"))?
+        .ok_or_else(PageError::expired)?;
+    let now = state.clock.now();
+    match decide(state, &client, &request, Some(session), true, now) {
+        Decision::Issue { level, auth_time } => {
+            if !state.store.complete_login_transaction(&tx.id, now).await? {
+                return Err(PageError::expired());
+            }
+            issue_code(state, &request, session, account, level, auth_time).await
+        }
+        Decision::StepUp if account.second_password_hash.is_none() => Err(PageError {
+            status: StatusCode::FORBIDDEN,
+            title_key: "registration_needed_title",
+            message_key: "registration_needed_message",
+            detail: None,
+            back_url: Some("/login".into()),
+            locale: None,
+        }),
+        Decision::StepUp | Decision::Login => Ok(see_other(&format!("/login/step-up?tx={}", tx.id))),
+    }
+}
+
+async fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Option<(BrowserSession, Account)>, PageError> {
+    let Some(session) = session::current(state, headers).await? else {
+        return Ok(None);
+    };
+    state.store.touch_session(&session.id, state.clock.now()).await?;
+    let account = state.store.get_account(&session.account_id).await?;
+    Ok(account.map(|a| (session, a)))
+}
+
+fn step_up_form(
+    state: &AppState,
+    headers: &HeaderMap,
+    browser: &Browser,
+    locale: Locale,
+    pending: &Pending,
+    account: &Account,
+    error: Option<&str>,
+) -> Result<Response, PageError> {
+    let ctx = context! {
+        tx => pending.as_ref().map(|(tx, _)| tx.id.clone()),
+        username => account.username.clone(),
+        error => error,
+    };
+    state.page(locale, "step_up.html", ctx, browser, headers)
+}
+
+pub async fn step_up_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<PageQuery>,
+) -> Result<Response, PageError> {
+    let browser = Browser::from_headers(&state, &headers);
+    let pending = pending(&state, query.tx.as_deref(), &browser).await?;
+    let Some((_, account)) = signed_in(&state, &headers).await? else {
+        let target = match &pending {
+            Some((tx, _)) => format!("/login?tx={}", tx.id),
+            None => "/login".into(),
+        };
+        return Ok(see_other(&target));
+    };
+    let locale = page_locale(&state, &headers, query.lang.as_deref(), &pending);
+    step_up_form(&state, &headers, &browser, locale, &pending, &account, None)
+}
+
+pub async fn step_up_submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, PageError> {
+    let params = read_form(&headers, &body)?;
+    let browser = csrf::verify(&state, &headers, params.get("csrf").unwrap_or("")).ok_or_else(PageError::csrf)?;
+    let pending = pending(&state, params.get("tx"), &browser).await?;
+    let locale = page_locale(&state, &headers, params.get("lang"), &pending);
+    let Some((mut session, account)) = signed_in(&state, &headers).await? else {
+        return Ok(see_other("/login"));
+    };
+    let second_password = params.get("second_password").unwrap_or("");
+    let ok = !second_password.is_empty()
+        && state
+            .hasher
+            .verify(account.second_password_hash.as_deref(), second_password)
+            .await;
+    if !ok {
+        return step_up_form(&state, &headers, &browser, locale, &pending, &account, Some("login_failed"));
+    }
+    let now = state.clock.now();
+    let cookie = random_token();
+    session.cookie_digest = token_digest(&cookie);
+    session.second_password_at = Some(now);
+    session.last_seen_at = now;
+    state.store.update_session(&session).await?;
+    let mut response = continue_after_login(&state, pending, &session, &account).await?;
+    response
+        .headers_mut()
+        .append(header::SET_COOKIE, set_cookie(&state, SESSION_COOKIE, &cookie, None));
+    Ok(response)
+}
+
+/// The menu (gear) page. It needs the second password entered within `menu_reauth`.
+pub async fn account_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<PageQuery>,
+) -> Result<Response, PageError> {
+    let Some((session, account)) = signed_in(&state, &headers).await? else {
+        return Ok(see_other("/login"));
+    };
+    let browser = Browser::from_headers(&state, &headers);
+    let locale = state.locale_for(&headers, query.lang.as_deref(), None);
+    let now = state.clock.now();
+    let reauth = state.config.session.menu_reauth.as_secs() as i64;
+    if account.second_password_hash.is_none() {
+        return state.page(locale, "registration_needed.html", context! {}, &browser, &headers);
+    }
+    if !session.second_password_at.is_some_and(|t| now - t <= reauth) {
+        return Ok(see_other("/login/step-up"));
+    }
+    let claims: serde_json::Value = serde_json::from_str(&account.claims).unwrap_or_default();
+    let ctx = context! {
+        menu => true,
+        username => account.username.clone(),
+        display_name => claims.get("name").and_then(|v| v.as_str()).map(str::to_string),
+        email => account.email.clone(),
+    };
+    state.page(locale, "account.html", ctx, &browser, &headers)
+}

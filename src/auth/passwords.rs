@@ -1,0 +1,110 @@
+//! Password hashing with argon2id, off the async runtime and behind a semaphore sized to the cores,
+//! so a burst of logins queues instead of starving every other request.
+use std::sync::Arc;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use tokio::sync::Semaphore;
+
+use crate::clock::random_bytes;
+
+/// OWASP's argon2id recommendation: 19 MiB, two passes, one lane.
+pub fn production_params() -> Params {
+    Params::new(19_456, 2, 1, None).expect("valid argon2 parameters")
+}
+
+/// Cheap parameters for tests only.
+pub fn test_params() -> Params {
+    Params::new(256, 1, 1, None).expect("valid argon2 parameters")
+}
+
+pub fn hash_with(params: &Params, password: &str) -> String {
+    let salt = SaltString::encode_b64(&random_bytes::<16>()).expect("16-byte salt encodes");
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone())
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 hashing with valid parameters")
+        .to_string()
+}
+
+fn verify_blocking(hash: &str, password: &str) -> bool {
+    match PasswordHash::new(hash) {
+        // The parameters come from the PHC string, so old hashes keep verifying after a change.
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+pub struct PasswordHasher {
+    permits: Semaphore,
+    params: Params,
+    /// Verified against when there is no real hash, so timing does not reveal who exists.
+    dummy_hash: String,
+    waiting: std::sync::atomic::AtomicI64,
+}
+
+impl PasswordHasher {
+    pub fn new(params: Params) -> Arc<Self> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let dummy_hash = hash_with(&params, "nidan-dummy-password");
+        Arc::new(Self {
+            permits: Semaphore::new(cores),
+            params,
+            dummy_hash,
+            waiting: Default::default(),
+        })
+    }
+
+    /// Requests waiting for or running an argon2 computation.
+    pub fn queue_depth(&self) -> i64 {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
+        use std::sync::atomic::Ordering;
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _permit = self.permits.acquire().await.expect("semaphore never closed");
+        let result = tokio::task::spawn_blocking(work).await.expect("argon2 task panicked");
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    /// Verifies `password` against `hash`; with no hash, pays for one dummy verification and fails.
+    pub async fn verify(&self, hash: Option<&str>, password: &str) -> bool {
+        let real = hash.is_some();
+        let hash = hash.unwrap_or(&self.dummy_hash).to_string();
+        let password = password.to_string();
+        let ok = self.run(move || verify_blocking(&hash, &password)).await;
+        ok && real
+    }
+
+    pub async fn hash(&self, password: &str) -> String {
+        let params = self.params.clone();
+        let password = password.to_string();
+        self.run(move || hash_with(&params, &password)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn verifies_and_refuses() {
+        let hasher = PasswordHasher::new(test_params());
+        let hash = hasher.hash("Secret123").await;
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(hasher.verify(Some(&hash), "Secret123").await);
+        assert!(!hasher.verify(Some(&hash), "secret123").await);
+        assert!(!hasher.verify(None, "nidan-dummy-password").await);
+        assert!(!hasher.verify(Some("not a hash"), "x").await);
+    }
+
+    #[test]
+    fn production_parameters_are_the_documented_ones() {
+        let hash = hash_with(&production_params(), "Secret123");
+        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+        assert!(verify_blocking(&hash, "Secret123"));
+    }
+}

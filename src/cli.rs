@@ -1,0 +1,309 @@
+//! The `nidan` command line: serve, check-config, migrate, client, keys, hash-password.
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::app::{client_row, derive_secrets, load_kek};
+use crate::clock::{random_token, Clock, SystemClock};
+use crate::config::{parse_duration, ClientSettings, Config};
+
+#[derive(Debug, Parser)]
+#[command(name = "nidan", version, about = "OpenID Connect identity provider for universities")]
+pub struct Cli {
+    /// Configuration file (TOML). Without one, `serve` runs the embedded development default.
+    #[arg(long, global = true, env = "NIDAN_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (applies migrations first).
+    Serve,
+    /// Validate the configuration and explain every problem, one per line.
+    CheckConfig,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage relying parties.
+    #[command(subcommand)]
+    Client(ClientCommand),
+    /// Manage signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Read a password from standard input and print its argon2id PHC string.
+    HashPassword,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Register a client; a confidential client's secret is printed once.
+    Add(ClientAdd),
+    /// List registered clients.
+    List,
+    /// Show one client's settings.
+    Show { client_id: String },
+    /// Remove a client registered with `client add`.
+    Remove { client_id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ClientAdd {
+    pub client_id: String,
+    #[arg(long = "redirect-uri", required = true)]
+    pub redirect_uris: Vec<String>,
+    #[arg(long = "post-logout-redirect-uri")]
+    pub post_logout_redirect_uris: Vec<String>,
+    /// client_secret_basic, client_secret_post, private_key_jwt or none (public client).
+    #[arg(long, default_value = "client_secret_basic")]
+    pub auth_method: String,
+    #[arg(long = "grant-type", default_values_t = vec!["authorization_code".to_string(), "refresh_token".to_string()])]
+    pub grant_types: Vec<String>,
+    #[arg(long = "scope", default_values_t = vec!["openid".to_string(), "profile".to_string(), "email".to_string()])]
+    pub scopes: Vec<String>,
+    #[arg(long, default_value = crate::config::ACR_PASSWORD)]
+    pub min_acr: String,
+    #[arg(long)]
+    pub backchannel_logout_uri: Option<String>,
+    #[arg(long)]
+    pub jwks_uri: Option<String>,
+    #[arg(long, default_value = "RS256")]
+    pub id_token_alg: String,
+    #[arg(long, default_value = "")]
+    pub name: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// List signing keys and their state.
+    List,
+    /// Publish a new key now and sign with it after a delay.
+    Rotate {
+        /// RS256, ES256 or EdDSA.
+        #[arg(long, default_value = "RS256")]
+        alg: String,
+        /// How long the new key is published before it signs (replicas refresh within 60 s).
+        #[arg(long, default_value = "24h")]
+        delay: String,
+        /// Sign with the new key at once (a compromised key).
+        #[arg(long)]
+        now: bool,
+    },
+}
+
+pub fn load_config(path: Option<&std::path::Path>) -> Result<Config, crate::config::ConfigErrors> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    Config::load(path, &env)
+}
+
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config_path = cli.config.as_deref();
+    match cli.command {
+        Command::HashPassword => {
+            let mut password = String::new();
+            std::io::stdin().read_to_string(&mut password)?;
+            let password = password.strip_suffix('\n').unwrap_or(&password);
+            let password = password.strip_suffix('\r').unwrap_or(password);
+            if password.is_empty() {
+                bail!("no password on standard input");
+            }
+            println!("{}", crate::auth::passwords::hash_with(&crate::auth::passwords::production_params(), password));
+            Ok(())
+        }
+        Command::CheckConfig => match load_config(config_path) {
+            Ok(config) => {
+                println!("configuration OK (issuer {})", config.issuer);
+                for warning in config_warnings(&config) {
+                    println!("warning: {warning}");
+                }
+                Ok(())
+            }
+            Err(errors) => {
+                eprint!("{errors}");
+                std::process::exit(1);
+            }
+        },
+        command => {
+            let config = match load_config(config_path) {
+                Ok(config) => config,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    std::process::exit(1);
+                }
+            };
+            init_logging(config.log_format == "json");
+            match command {
+                Command::Serve => crate::app::serve(config).await,
+                Command::Migrate => {
+                    let store = crate::store::connect(&config.database_url).await?;
+                    println!("migrations applied ({})", store.backend());
+                    Ok(())
+                }
+                Command::Client(command) => client_command(config, command).await,
+                Command::Keys(command) => keys_command(config, command).await,
+                Command::HashPassword | Command::CheckConfig => unreachable!(),
+            }
+        }
+    }
+}
+
+fn config_warnings(config: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if config.embedded {
+        warnings.push("no configuration file: this is the embedded development default".into());
+    }
+    if config.throttle.password_failures >= 10 && config.directory.kind == "ldap" {
+        warnings.push(
+            "throttle.password_failures should stay below the directory's own lockout threshold".into(),
+        );
+    }
+    warnings
+}
+
+async fn client_command(config: Config, command: ClientCommand) -> anyhow::Result<()> {
+    let store = crate::store::connect(&config.database_url).await?;
+    let now = SystemClock.now();
+    match command {
+        ClientCommand::Add(add) => {
+            let kek = load_kek(&config)?;
+            let secrets = derive_secrets(&kek);
+            if store.get_client(&add.client_id).await?.is_some() {
+                bail!("client {} already exists", add.client_id);
+            }
+            let mut settings = ClientSettings {
+                client_id: add.client_id.clone(),
+                client_name: add.name,
+                redirect_uris: add.redirect_uris,
+                post_logout_redirect_uris: add.post_logout_redirect_uris,
+                token_endpoint_auth_method: add.auth_method,
+                grant_types: add.grant_types,
+                scopes: add.scopes,
+                min_acr: add.min_acr,
+                backchannel_logout_uri: add.backchannel_logout_uri,
+                jwks_uri: add.jwks_uri,
+                id_token_signed_response_alg: add.id_token_alg,
+                ..ClientSettings::default()
+            };
+            let secret = settings
+                .token_endpoint_auth_method
+                .starts_with("client_secret")
+                .then(random_token);
+            settings.client_secret = secret.clone().map(crate::config::Secret::new);
+            let mut problems = Vec::new();
+            settings.normalize(&mut problems, config.issuer_is_loopback());
+            if !problems.is_empty() {
+                bail!(problems.join("\n"));
+            }
+            let digest = secret
+                .as_deref()
+                .map(|s| crate::oidc::clients::secret_digest(&secrets.client_secret, s));
+            store.put_client(&client_row(&settings, digest.clone(), "cli", now)?).await?;
+            println!("client {} registered", settings.client_id);
+            if let (Some(secret), Some(digest)) = (secret, digest) {
+                println!("client_secret: {secret}");
+                println!("(shown once; for a configuration file use client_secret_hash = \"{digest}\")");
+            }
+            Ok(())
+        }
+        ClientCommand::List => {
+            let clients = store.list_clients().await?;
+            if clients.is_empty() {
+                println!("no clients");
+            }
+            for row in clients {
+                let client = crate::oidc::clients::from_row(row.clone())?;
+                println!(
+                    "{}\t{}\t{}\t{}",
+                    client.client_id, client.token_endpoint_auth_method, client.min_acr, row.source
+                );
+            }
+            Ok(())
+        }
+        ClientCommand::Show { client_id } => {
+            let row = store.get_client(&client_id).await?.with_context(|| format!("no client {client_id}"))?;
+            let client = crate::oidc::clients::from_row(row.clone())?;
+            println!("{}", serde_json::to_string_pretty(&client.settings)?);
+            println!("source: {}; secret: {}", row.source, if row.secret_digest.is_some() { "set (digest stored)" } else { "none" });
+            Ok(())
+        }
+        ClientCommand::Remove { client_id } => {
+            let row = store.get_client(&client_id).await?.with_context(|| format!("no client {client_id}"))?;
+            if row.source == "config" {
+                bail!("client {client_id} comes from the configuration file; remove it there");
+            }
+            store.delete_client(&client_id).await?;
+            println!("client {client_id} removed");
+            Ok(())
+        }
+    }
+}
+
+async fn keys_command(config: Config, command: KeysCommand) -> anyhow::Result<()> {
+    let store = crate::store::connect(&config.database_url).await?;
+    let kek = load_kek(&config)?;
+    let now = SystemClock.now();
+    match command {
+        KeysCommand::List => {
+            let keys = store.list_signing_keys().await?;
+            if keys.is_empty() {
+                println!("no keys yet (they are generated on first start)");
+            }
+            println!("kid\talg\tstate\tactive_from\tpublished_until");
+            for key in keys {
+                let state = if key.published_until.is_some_and(|t| t <= now) {
+                    "retired"
+                } else if key.active_from > now {
+                    "published, not signing yet"
+                } else if key.published_until.is_some() {
+                    "published, replaced"
+                } else {
+                    "signing"
+                };
+                println!(
+                    "{}\t{}\t{state}\t{}\t{}",
+                    key.kid,
+                    key.alg,
+                    format_time(key.active_from),
+                    key.published_until.map(format_time).unwrap_or_else(|| "-".into())
+                );
+            }
+            Ok(())
+        }
+        KeysCommand::Rotate { alg, delay, now: at_once } => {
+            if !crate::keys::ALGORITHMS.contains(&alg.as_str()) {
+                bail!("--alg must be one of {:?}", crate::keys::ALGORITHMS);
+            }
+            let delay = if at_once { 0 } else { parse_duration(&delay).map_err(anyhow::Error::msg)?.as_secs() as i64 };
+            let lifetimes = &config.lifetimes;
+            let longest = lifetimes.id_token.max(lifetimes.access_token).as_secs() as i64 + 300;
+            let key = crate::keys::rotate(&store, &kek, &alg, now, delay, longest).await?;
+            println!(
+                "new {alg} key {} published now; it signs from {}",
+                key.kid,
+                format_time(key.active_from)
+            );
+            Ok(())
+        }
+    }
+}
+
+fn format_time(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| t.to_string())
+}

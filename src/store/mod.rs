@@ -1,0 +1,261 @@
+//! The store: every piece of state that matters (accounts, sessions, pending logins, codes, tokens,
+//! keys, clients) lives here, so any replica can serve any request. One trait, two implementations
+//! (SQLite and PostgreSQL) that share their SQL through `sql_store!`.
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::FromRow;
+
+use crate::clock::Timestamp;
+
+#[macro_use]
+mod sql;
+pub mod postgres;
+pub mod sqlite;
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Account {
+    pub id: String,
+    pub directory_id: String,
+    pub username: String,
+    pub sub: String,
+    /// Claims copied from the directory at the last login (JSON object).
+    pub claims: String,
+    pub email: Option<String>,
+    pub email_verified_at: Option<Timestamp>,
+    pub previous_email: Option<String>,
+    pub email_changed_at: Option<Timestamp>,
+    pub second_password_hash: Option<String>,
+    pub second_password_set_at: Option<Timestamp>,
+    pub locked_until: Option<Timestamp>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct ClientRow {
+    pub client_id: String,
+    /// `config::ClientSettings` as JSON.
+    pub settings: String,
+    pub secret_digest: Option<String>,
+    /// "config" or "cli".
+    pub source: String,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct SigningKeyRow {
+    pub kid: String,
+    pub alg: String,
+    pub public_jwk: String,
+    pub private_jwk_encrypted: String,
+    pub created_at: Timestamp,
+    /// Signing starts at this time; the key is published from creation.
+    pub active_from: Timestamp,
+    /// Leaves JWKS after this time (set when a newer key takes over).
+    pub published_until: Option<Timestamp>,
+    /// Kept until then to check expired `id_token_hint`s.
+    pub delete_after: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct BrowserSession {
+    pub id: String,
+    pub cookie_digest: String,
+    pub account_id: String,
+    /// Public session id given to relying parties.
+    pub sid: String,
+    pub created_at: Timestamp,
+    pub last_seen_at: Timestamp,
+    pub expires_at: Timestamp,
+    /// Time of the last university-password check.
+    pub password_at: Timestamp,
+    /// Time of the last second-password check.
+    pub second_password_at: Option<Timestamp>,
+    pub university_password_hash: Option<String>,
+    pub university_password_hash_until: Option<Timestamp>,
+    pub ended_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct LoginTransaction {
+    pub id: String,
+    /// Digest of the browser cookie the request is bound to.
+    pub browser_digest: String,
+    pub client_id: String,
+    /// The validated authorization request (JSON).
+    pub request: String,
+    pub account_id: Option<String>,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub completed_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct AuthorizationCode {
+    pub digest: String,
+    pub client_id: String,
+    pub account_id: String,
+    pub session_id: String,
+    pub sid: String,
+    pub redirect_uri: String,
+    pub scope: String,
+    pub claims_request: Option<String>,
+    pub nonce: Option<String>,
+    pub code_challenge: Option<String>,
+    pub acr: String,
+    pub auth_time: Timestamp,
+    pub claims: String,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub consumed_at: Option<Timestamp>,
+    pub grant_id: Option<String>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct Grant {
+    pub id: String,
+    pub client_id: String,
+    /// None for client_credentials.
+    pub account_id: Option<String>,
+    pub session_id: Option<String>,
+    pub sid: Option<String>,
+    pub scope: String,
+    pub claims_request: Option<String>,
+    pub acr: Option<String>,
+    pub auth_time: Option<Timestamp>,
+    pub claims: String,
+    /// 1 when `offline_access` was granted: the grant outlives the browser session.
+    pub offline: i64,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct AccessToken {
+    pub digest: String,
+    pub grant_id: String,
+    pub scope: String,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct RefreshToken {
+    pub digest: String,
+    pub grant_id: String,
+    pub scope: String,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub consumed_at: Option<Timestamp>,
+    pub revoked_at: Option<Timestamp>,
+}
+
+/// The outcome of redeeming a single-use value with one atomic statement.
+#[derive(Debug)]
+pub enum Redeemed<T> {
+    /// This call consumed it.
+    Fresh(T),
+    /// Someone consumed it before (possibly another replica).
+    AlreadyUsed(T),
+    NotFound,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn backend(&self) -> &'static str;
+    async fn ping(&self) -> StoreResult<()>;
+
+    // Accounts, keyed on the directory's immutable id.
+    async fn upsert_account(
+        &self,
+        directory_id: &str,
+        username: &str,
+        claims: &str,
+        new_id: &str,
+        new_sub: &str,
+        now: Timestamp,
+    ) -> StoreResult<Account>;
+    async fn get_account(&self, id: &str) -> StoreResult<Option<Account>>;
+    async fn find_accounts_by_username(&self, username: &str) -> StoreResult<Vec<Account>>;
+
+    // Clients registered in the store (the configuration file's are synchronised at start).
+    async fn put_client(&self, client: &ClientRow) -> StoreResult<()>;
+    async fn get_client(&self, client_id: &str) -> StoreResult<Option<ClientRow>>;
+    async fn list_clients(&self) -> StoreResult<Vec<ClientRow>>;
+    async fn delete_client(&self, client_id: &str) -> StoreResult<bool>;
+
+    // Signing keys.
+    async fn insert_signing_key(&self, key: &SigningKeyRow) -> StoreResult<()>;
+    async fn list_signing_keys(&self) -> StoreResult<Vec<SigningKeyRow>>;
+    /// Marks every other key of `alg` that has no end yet to leave JWKS at `published_until`.
+    async fn retire_signing_keys(
+        &self,
+        alg: &str,
+        except_kid: &str,
+        published_until: Timestamp,
+        delete_after: Timestamp,
+    ) -> StoreResult<u64>;
+
+    // Browser sessions.
+    async fn insert_session(&self, session: &BrowserSession) -> StoreResult<()>;
+    async fn find_session_by_cookie(&self, cookie_digest: &str) -> StoreResult<Option<BrowserSession>>;
+    async fn get_session(&self, id: &str) -> StoreResult<Option<BrowserSession>>;
+    /// Writes every mutable field of the session.
+    async fn update_session(&self, session: &BrowserSession) -> StoreResult<()>;
+    async fn touch_session(&self, id: &str, now: Timestamp) -> StoreResult<()>;
+    async fn end_session(&self, id: &str, now: Timestamp) -> StoreResult<bool>;
+
+    // Pending authorization requests.
+    async fn insert_login_transaction(&self, tx: &LoginTransaction) -> StoreResult<()>;
+    async fn get_login_transaction(&self, id: &str) -> StoreResult<Option<LoginTransaction>>;
+    async fn complete_login_transaction(&self, id: &str, now: Timestamp) -> StoreResult<bool>;
+
+    // Authorization codes.
+    async fn insert_code(&self, code: &AuthorizationCode) -> StoreResult<()>;
+    async fn redeem_code(&self, digest: &str, now: Timestamp) -> StoreResult<Redeemed<AuthorizationCode>>;
+    async fn set_code_grant(&self, digest: &str, grant_id: &str) -> StoreResult<()>;
+
+    // Grants and tokens.
+    async fn insert_grant(&self, grant: &Grant) -> StoreResult<()>;
+    async fn get_grant(&self, id: &str) -> StoreResult<Option<Grant>>;
+    async fn revoke_grant(&self, id: &str, now: Timestamp) -> StoreResult<()>;
+    /// Revokes the session's grants; with `online_only`, those without offline access.
+    async fn revoke_session_grants(&self, session_id: &str, online_only: bool, now: Timestamp) -> StoreResult<u64>;
+    /// Clients that received tokens through the session (for back-channel logout).
+    async fn session_clients(&self, session_id: &str) -> StoreResult<Vec<String>>;
+    async fn update_grant_claims(&self, id: &str, claims: &str) -> StoreResult<()>;
+    async fn insert_access_token(&self, token: &AccessToken) -> StoreResult<()>;
+    async fn find_access_token(&self, digest: &str) -> StoreResult<Option<AccessToken>>;
+    async fn revoke_access_token(&self, digest: &str, now: Timestamp) -> StoreResult<()>;
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()>;
+    async fn find_refresh_token(&self, digest: &str) -> StoreResult<Option<RefreshToken>>;
+    async fn redeem_refresh_token(&self, digest: &str, now: Timestamp) -> StoreResult<Redeemed<RefreshToken>>;
+
+    /// Records a `private_key_jwt` assertion id; false when it was seen before.
+    async fn record_assertion(&self, id: &str, expires_at: Timestamp) -> StoreResult<bool>;
+}
+
+pub type DynStore = Arc<dyn Store>;
+
+/// Connects to `database_url` (sqlite:… or postgres://…) and applies the migrations.
+pub async fn connect(database_url: &str) -> anyhow::Result<DynStore> {
+    if database_url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(database_url).await?))
+    } else {
+        Ok(Arc::new(postgres::PostgresStore::connect(database_url).await?))
+    }
+}

@@ -1,0 +1,474 @@
+//! The SQL both backends share. SQLite and PostgreSQL accept the same statements here (`$n`
+//! placeholders, `ON CONFLICT`, `RETURNING`), so one macro body implements `Store` for each pool
+//! type; anything backend-specific lives in that backend's file.
+
+/// Implements `Store` for a struct with a `pool` field of the given sqlx pool type.
+macro_rules! sql_store {
+    ($store:ty, $backend:literal) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            async fn ping(&self) -> StoreResult<()> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn upsert_account(
+                &self,
+                directory_id: &str,
+                username: &str,
+                claims: &str,
+                new_id: &str,
+                new_sub: &str,
+                now: Timestamp,
+            ) -> StoreResult<Account> {
+                Ok(sqlx::query_as(
+                    "INSERT INTO accounts (id, directory_id, username, sub, claims, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $6) \
+                     ON CONFLICT (directory_id) DO UPDATE SET username = excluded.username, \
+                     claims = excluded.claims, updated_at = excluded.updated_at RETURNING *",
+                )
+                .bind(new_id)
+                .bind(directory_id)
+                .bind(username)
+                .bind(new_sub)
+                .bind(claims)
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await?)
+            }
+
+            async fn get_account(&self, id: &str) -> StoreResult<Option<Account>> {
+                Ok(sqlx::query_as("SELECT * FROM accounts WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn find_accounts_by_username(&self, username: &str) -> StoreResult<Vec<Account>> {
+                Ok(sqlx::query_as("SELECT * FROM accounts WHERE username = $1 ORDER BY created_at")
+                    .bind(username)
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn put_client(&self, c: &ClientRow) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO clients (client_id, settings, secret_digest, source, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (client_id) DO UPDATE SET \
+                     settings = excluded.settings, secret_digest = excluded.secret_digest, \
+                     source = excluded.source, updated_at = excluded.updated_at",
+                )
+                .bind(&c.client_id)
+                .bind(&c.settings)
+                .bind(&c.secret_digest)
+                .bind(&c.source)
+                .bind(c.created_at)
+                .bind(c.updated_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn get_client(&self, client_id: &str) -> StoreResult<Option<ClientRow>> {
+                Ok(sqlx::query_as("SELECT * FROM clients WHERE client_id = $1")
+                    .bind(client_id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn list_clients(&self) -> StoreResult<Vec<ClientRow>> {
+                Ok(sqlx::query_as("SELECT * FROM clients ORDER BY client_id")
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn delete_client(&self, client_id: &str) -> StoreResult<bool> {
+                let done = sqlx::query("DELETE FROM clients WHERE client_id = $1")
+                    .bind(client_id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn insert_signing_key(&self, k: &SigningKeyRow) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO signing_keys (kid, alg, public_jwk, private_jwk_encrypted, created_at, \
+                     active_from, published_until, delete_after) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&k.kid)
+                .bind(&k.alg)
+                .bind(&k.public_jwk)
+                .bind(&k.private_jwk_encrypted)
+                .bind(k.created_at)
+                .bind(k.active_from)
+                .bind(k.published_until)
+                .bind(k.delete_after)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn list_signing_keys(&self) -> StoreResult<Vec<SigningKeyRow>> {
+                Ok(sqlx::query_as("SELECT * FROM signing_keys ORDER BY active_from, created_at, kid")
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn retire_signing_keys(
+                &self,
+                alg: &str,
+                except_kid: &str,
+                published_until: Timestamp,
+                delete_after: Timestamp,
+            ) -> StoreResult<u64> {
+                let done = sqlx::query(
+                    "UPDATE signing_keys SET published_until = $3, delete_after = $4 \
+                     WHERE alg = $1 AND kid <> $2 AND published_until IS NULL",
+                )
+                .bind(alg)
+                .bind(except_kid)
+                .bind(published_until)
+                .bind(delete_after)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn insert_session(&self, s: &BrowserSession) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO browser_sessions (id, cookie_digest, account_id, sid, created_at, \
+                     last_seen_at, expires_at, password_at, second_password_at, university_password_hash, \
+                     university_password_hash_until, ended_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                )
+                .bind(&s.id)
+                .bind(&s.cookie_digest)
+                .bind(&s.account_id)
+                .bind(&s.sid)
+                .bind(s.created_at)
+                .bind(s.last_seen_at)
+                .bind(s.expires_at)
+                .bind(s.password_at)
+                .bind(s.second_password_at)
+                .bind(&s.university_password_hash)
+                .bind(s.university_password_hash_until)
+                .bind(s.ended_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn find_session_by_cookie(&self, cookie_digest: &str) -> StoreResult<Option<BrowserSession>> {
+                Ok(sqlx::query_as("SELECT * FROM browser_sessions WHERE cookie_digest = $1")
+                    .bind(cookie_digest)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn get_session(&self, id: &str) -> StoreResult<Option<BrowserSession>> {
+                Ok(sqlx::query_as("SELECT * FROM browser_sessions WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn update_session(&self, s: &BrowserSession) -> StoreResult<()> {
+                sqlx::query(
+                    "UPDATE browser_sessions SET cookie_digest = $2, account_id = $3, sid = $4, \
+                     last_seen_at = $5, expires_at = $6, password_at = $7, second_password_at = $8, \
+                     university_password_hash = $9, university_password_hash_until = $10, ended_at = $11 \
+                     WHERE id = $1",
+                )
+                .bind(&s.id)
+                .bind(&s.cookie_digest)
+                .bind(&s.account_id)
+                .bind(&s.sid)
+                .bind(s.last_seen_at)
+                .bind(s.expires_at)
+                .bind(s.password_at)
+                .bind(s.second_password_at)
+                .bind(&s.university_password_hash)
+                .bind(s.university_password_hash_until)
+                .bind(s.ended_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn touch_session(&self, id: &str, now: Timestamp) -> StoreResult<()> {
+                sqlx::query("UPDATE browser_sessions SET last_seen_at = $2 WHERE id = $1 AND last_seen_at < $2")
+                    .bind(id)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn end_session(&self, id: &str, now: Timestamp) -> StoreResult<bool> {
+                let done = sqlx::query(
+                    "UPDATE browser_sessions SET ended_at = $2, university_password_hash = NULL, \
+                     university_password_hash_until = NULL WHERE id = $1 AND ended_at IS NULL",
+                )
+                .bind(id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn insert_login_transaction(&self, t: &LoginTransaction) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO login_transactions (id, browser_digest, client_id, request, account_id, \
+                     created_at, expires_at, completed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&t.id)
+                .bind(&t.browser_digest)
+                .bind(&t.client_id)
+                .bind(&t.request)
+                .bind(&t.account_id)
+                .bind(t.created_at)
+                .bind(t.expires_at)
+                .bind(t.completed_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn get_login_transaction(&self, id: &str) -> StoreResult<Option<LoginTransaction>> {
+                Ok(sqlx::query_as("SELECT * FROM login_transactions WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn complete_login_transaction(&self, id: &str, now: Timestamp) -> StoreResult<bool> {
+                let done = sqlx::query(
+                    "UPDATE login_transactions SET completed_at = $2 WHERE id = $1 AND completed_at IS NULL",
+                )
+                .bind(id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn insert_code(&self, c: &AuthorizationCode) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO authorization_codes (digest, client_id, account_id, session_id, sid, \
+                     redirect_uri, scope, claims_request, nonce, code_challenge, acr, auth_time, claims, \
+                     created_at, expires_at, consumed_at, grant_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+                )
+                .bind(&c.digest)
+                .bind(&c.client_id)
+                .bind(&c.account_id)
+                .bind(&c.session_id)
+                .bind(&c.sid)
+                .bind(&c.redirect_uri)
+                .bind(&c.scope)
+                .bind(&c.claims_request)
+                .bind(&c.nonce)
+                .bind(&c.code_challenge)
+                .bind(&c.acr)
+                .bind(c.auth_time)
+                .bind(&c.claims)
+                .bind(c.created_at)
+                .bind(c.expires_at)
+                .bind(c.consumed_at)
+                .bind(&c.grant_id)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn redeem_code(&self, digest: &str, now: Timestamp) -> StoreResult<Redeemed<AuthorizationCode>> {
+                let fresh: Option<AuthorizationCode> = sqlx::query_as(
+                    "UPDATE authorization_codes SET consumed_at = $2 \
+                     WHERE digest = $1 AND consumed_at IS NULL RETURNING *",
+                )
+                .bind(digest)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?;
+                if let Some(code) = fresh {
+                    return Ok(Redeemed::Fresh(code));
+                }
+                let used: Option<AuthorizationCode> =
+                    sqlx::query_as("SELECT * FROM authorization_codes WHERE digest = $1")
+                        .bind(digest)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                Ok(used.map_or(Redeemed::NotFound, Redeemed::AlreadyUsed))
+            }
+
+            async fn set_code_grant(&self, digest: &str, grant_id: &str) -> StoreResult<()> {
+                sqlx::query("UPDATE authorization_codes SET grant_id = $2 WHERE digest = $1")
+                    .bind(digest)
+                    .bind(grant_id)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn insert_grant(&self, g: &Grant) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO grants (id, client_id, account_id, session_id, sid, scope, claims_request, \
+                     acr, auth_time, claims, offline, created_at, expires_at, revoked_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                )
+                .bind(&g.id)
+                .bind(&g.client_id)
+                .bind(&g.account_id)
+                .bind(&g.session_id)
+                .bind(&g.sid)
+                .bind(&g.scope)
+                .bind(&g.claims_request)
+                .bind(&g.acr)
+                .bind(g.auth_time)
+                .bind(&g.claims)
+                .bind(g.offline)
+                .bind(g.created_at)
+                .bind(g.expires_at)
+                .bind(g.revoked_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn get_grant(&self, id: &str) -> StoreResult<Option<Grant>> {
+                Ok(sqlx::query_as("SELECT * FROM grants WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn revoke_grant(&self, id: &str, now: Timestamp) -> StoreResult<()> {
+                sqlx::query("UPDATE grants SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
+                    .bind(id)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn revoke_session_grants(&self, session_id: &str, online_only: bool, now: Timestamp) -> StoreResult<u64> {
+                let done = sqlx::query(
+                    "UPDATE grants SET revoked_at = $2 WHERE session_id = $1 AND revoked_at IS NULL \
+                     AND (offline = 0 OR $3 = 0)",
+                )
+                .bind(session_id)
+                .bind(now)
+                .bind(i64::from(online_only))
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn session_clients(&self, session_id: &str) -> StoreResult<Vec<String>> {
+                let rows: Vec<(String,)> = sqlx::query_as(
+                    "SELECT DISTINCT client_id FROM grants WHERE session_id = $1 ORDER BY client_id",
+                )
+                .bind(session_id)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows.into_iter().map(|(c,)| c).collect())
+            }
+
+            async fn update_grant_claims(&self, id: &str, claims: &str) -> StoreResult<()> {
+                sqlx::query("UPDATE grants SET claims = $2 WHERE id = $1")
+                    .bind(id)
+                    .bind(claims)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn insert_access_token(&self, t: &AccessToken) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO access_tokens (digest, grant_id, scope, created_at, expires_at, revoked_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&t.digest)
+                .bind(&t.grant_id)
+                .bind(&t.scope)
+                .bind(t.created_at)
+                .bind(t.expires_at)
+                .bind(t.revoked_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn find_access_token(&self, digest: &str) -> StoreResult<Option<AccessToken>> {
+                Ok(sqlx::query_as("SELECT * FROM access_tokens WHERE digest = $1")
+                    .bind(digest)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn revoke_access_token(&self, digest: &str, now: Timestamp) -> StoreResult<()> {
+                sqlx::query("UPDATE access_tokens SET revoked_at = $2 WHERE digest = $1 AND revoked_at IS NULL")
+                    .bind(digest)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn insert_refresh_token(&self, t: &RefreshToken) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO refresh_tokens (digest, grant_id, scope, created_at, expires_at, \
+                     consumed_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(&t.digest)
+                .bind(&t.grant_id)
+                .bind(&t.scope)
+                .bind(t.created_at)
+                .bind(t.expires_at)
+                .bind(t.consumed_at)
+                .bind(t.revoked_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn find_refresh_token(&self, digest: &str) -> StoreResult<Option<RefreshToken>> {
+                Ok(sqlx::query_as("SELECT * FROM refresh_tokens WHERE digest = $1")
+                    .bind(digest)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn redeem_refresh_token(&self, digest: &str, now: Timestamp) -> StoreResult<Redeemed<RefreshToken>> {
+                let fresh: Option<RefreshToken> = sqlx::query_as(
+                    "UPDATE refresh_tokens SET consumed_at = $2 \
+                     WHERE digest = $1 AND consumed_at IS NULL AND revoked_at IS NULL RETURNING *",
+                )
+                .bind(digest)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?;
+                if let Some(token) = fresh {
+                    return Ok(Redeemed::Fresh(token));
+                }
+                let used = self.find_refresh_token(digest).await?;
+                Ok(used.map_or(Redeemed::NotFound, Redeemed::AlreadyUsed))
+            }
+
+            async fn record_assertion(&self, id: &str, expires_at: Timestamp) -> StoreResult<bool> {
+                let done = sqlx::query(
+                    "INSERT INTO used_assertions (id, expires_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(id)
+                .bind(expires_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+        }
+    };
+}

@@ -1,0 +1,932 @@
+//! Student-facing pages: the page language, the ja/en message catalogs, the minijinja templates
+//! (embedded in the binary, rendered strictly) and the stylesheet.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context as _;
+use minijinja::value::{merge_maps, Kwargs};
+use minijinja::{context, AutoEscape, Environment, Error, UndefinedBehavior, Value};
+
+/// The stylesheet served at `/static/nidan.css` (after the accent prefix, see [`Ui::stylesheet`]).
+pub const CSS: &str = include_str!("../templates/static/nidan.css");
+
+/// Every template, embedded so that the binary needs no files next to it.
+const TEMPLATES: &[(&str, &str)] = &[
+    ("base.html", include_str!("../templates/base.html")),
+    ("login.html", include_str!("../templates/login.html")),
+    ("step_up.html", include_str!("../templates/step_up.html")),
+    ("error.html", include_str!("../templates/error.html")),
+    (
+        "logout_confirm.html",
+        include_str!("../templates/logout_confirm.html"),
+    ),
+    (
+        "logged_out.html",
+        include_str!("../templates/logged_out.html"),
+    ),
+    ("account.html", include_str!("../templates/account.html")),
+    ("demo.html", include_str!("../templates/demo.html")),
+    (
+        "registration_needed.html",
+        include_str!("../templates/registration_needed.html"),
+    ),
+];
+
+const CATALOG_JA: &str = include_str!("../templates/locales/ja.toml");
+const CATALOG_EN: &str = include_str!("../templates/locales/en.toml");
+
+/// The language of a page. Japanese is the product's default.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Locale {
+    Ja,
+    En,
+}
+
+impl Locale {
+    pub const ALL: [Locale; 2] = [Locale::Ja, Locale::En];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Locale::Ja => "ja",
+            Locale::En => "en",
+        }
+    }
+
+    /// Accepts a language tag ("ja", "ja-JP", "en", "en_US", …), case-insensitively.
+    pub fn parse(s: &str) -> Option<Locale> {
+        let primary = s.trim().split(['-', '_']).next()?;
+        if primary.eq_ignore_ascii_case("ja") {
+            Some(Locale::Ja)
+        } else if primary.eq_ignore_ascii_case("en") {
+            Some(Locale::En)
+        } else {
+            None
+        }
+    }
+
+    /// First match wins: explicit `lang` query/form value, then OIDC `ui_locales` (space-separated),
+    /// then Accept-Language (q-values honoured), else default.
+    pub fn negotiate(
+        lang: Option<&str>,
+        ui_locales: Option<&str>,
+        accept_language: Option<&str>,
+        default: Locale,
+    ) -> Locale {
+        lang.and_then(Locale::parse)
+            .or_else(|| ui_locales.and_then(|list| list.split_whitespace().find_map(Locale::parse)))
+            .or_else(|| accept_language.and_then(|header| from_accept_language(header, default)))
+            .unwrap_or(default)
+    }
+
+    pub fn other(self) -> Locale {
+        match self {
+            Locale::Ja => Locale::En,
+            Locale::En => Locale::Ja,
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Locale::Ja => 0,
+            Locale::En => 1,
+        }
+    }
+}
+
+/// The supported language the browser prefers most (highest q; the earlier entry on a tie).
+fn from_accept_language(header: &str, default: Locale) -> Option<Locale> {
+    let mut best: Option<(f32, Locale)> = None;
+    for entry in header.split(',') {
+        let mut parts = entry.split(';');
+        let tag = parts.next().unwrap_or("").trim();
+        if tag.is_empty() {
+            continue;
+        }
+        let mut quality = 1.0_f32;
+        for param in parts {
+            let param = param.trim();
+            if let Some(value) = param
+                .strip_prefix("q=")
+                .or_else(|| param.strip_prefix("Q="))
+            {
+                // A malformed weight makes the entry unusable rather than preferred.
+                quality = value.trim().parse().unwrap_or(0.0);
+            }
+        }
+        if !(quality > 0.0 && quality <= 1.0) {
+            continue;
+        }
+        let locale = if tag == "*" {
+            Some(default)
+        } else {
+            Locale::parse(tag)
+        };
+        if let Some(locale) = locale {
+            if best.is_none_or(|(best_quality, _)| quality > best_quality) {
+                best = Some((quality, locale));
+            }
+        }
+    }
+    best.map(|(_, locale)| locale)
+}
+
+/// What the operator configures about the look of the pages.
+#[derive(Clone, Debug)]
+pub struct Branding {
+    pub university_name: String,
+    pub accent_color: String,
+    pub logo_url: String,
+    pub support_contact: String,
+}
+
+/// One locale's messages, as a map for Rust and as a template value for `t`.
+struct Catalog {
+    messages: BTreeMap<String, String>,
+    value: Value,
+}
+
+impl Catalog {
+    fn load(locale: Locale, source: &str) -> anyhow::Result<Catalog> {
+        let messages: BTreeMap<String, String> = toml::from_str(source).with_context(|| {
+            format!("message catalog templates/locales/{}.toml", locale.as_str())
+        })?;
+        let value = Value::from_serialize(&messages);
+        Ok(Catalog { messages, value })
+    }
+}
+
+/// The page renderer: templates, catalogs and branding, built once at start-up and shared.
+pub struct Ui {
+    env: Environment<'static>,
+    catalogs: [Catalog; 2],
+    brand: Value,
+    stylesheet: String,
+}
+
+impl Ui {
+    /// The stylesheet without the accent prefix.
+    pub const CSS: &'static str = CSS;
+
+    pub fn new(branding: Branding) -> anyhow::Result<Ui> {
+        let accent = branding.accent_color.trim();
+        if !is_safe_css_color(accent) {
+            anyhow::bail!(
+                "accent_color {:?} is not a CSS colour such as \"#1f4e8c\"",
+                branding.accent_color
+            );
+        }
+
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_auto_escape_callback(|name| {
+            if name.ends_with(".txt") {
+                AutoEscape::None
+            } else {
+                AutoEscape::Html
+            }
+        });
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_formatter(html_formatter);
+        env.add_filter("fill", fill);
+        for (name, source) in TEMPLATES {
+            env.add_template(name, source)
+                .with_context(|| format!("template templates/{name}"))?;
+        }
+
+        let catalogs = [
+            Catalog::load(Locale::Ja, CATALOG_JA)?,
+            Catalog::load(Locale::En, CATALOG_EN)?,
+        ];
+        let brand = context! {
+            university_name => branding.university_name,
+            accent_color => accent,
+            logo_url => branding.logo_url,
+            support_contact => branding.support_contact,
+        };
+        let stylesheet = format!(":root{{--accent:{accent}}}\n{CSS}");
+        Ok(Ui {
+            env,
+            catalogs,
+            brand,
+            stylesheet,
+        })
+    }
+
+    /// Renders `name` (e.g. "login.html") with `ctx` merged over the base context:
+    /// `lang` ("ja"/"en"), `lang_other`, `t` (the locale's message catalog as a map), `brand`
+    /// (university_name, accent_color, logo_url, support_contact).
+    pub fn render(&self, name: &str, locale: Locale, ctx: Value) -> Result<String, Error> {
+        let template = self.env.get_template(name)?;
+        let base = context! {
+            lang => locale.as_str(),
+            lang_other => locale.other().as_str(),
+            t => self.catalog(locale).value.clone(),
+            brand => self.brand.clone(),
+        };
+        template.render(merge_maps([base, ctx]))
+    }
+
+    /// A catalog message for Rust-side use; falls back to the key itself if missing.
+    pub fn message(&self, locale: Locale, key: &str) -> String {
+        match self.catalog(locale).messages.get(key) {
+            Some(message) => message.clone(),
+            None => {
+                debug_assert!(
+                    false,
+                    "message {key:?} missing from the {} catalog",
+                    locale.as_str()
+                );
+                key.to_owned()
+            }
+        }
+    }
+
+    /// A catalog message with its `{name}` placeholders filled, e.g. `("until", "12:30")` for "locked".
+    pub fn message_with(&self, locale: Locale, key: &str, args: &[(&str, &str)]) -> String {
+        args.iter()
+            .fold(self.message(locale, key), |message, (name, value)| {
+                message.replace(&format!("{{{name}}}"), value)
+            })
+    }
+
+    /// Whether `key` is in the catalogs (both have the same keys).
+    pub fn has_message(&self, key: &str) -> bool {
+        self.catalog(Locale::Ja).messages.contains_key(key)
+    }
+
+    /// The body of `/static/nidan.css`: `:root{--accent:…}` from the branding, then [`CSS`].
+    pub fn stylesheet(&self) -> &str {
+        &self.stylesheet
+    }
+
+    fn catalog(&self, locale: Locale) -> &Catalog {
+        &self.catalogs[locale.index()]
+    }
+}
+
+/// Like minijinja's escaping, but leaves `/` alone: "学内ID/学内パスワード" and "/login?…" stay
+/// readable in the HTML source (and in tests that look for them); `& < > " '` are still escaped.
+fn html_formatter(
+    out: &mut minijinja::Output,
+    state: &minijinja::State,
+    value: &Value,
+) -> Result<(), Error> {
+    if value.is_undefined() && state.undefined_behavior() == UndefinedBehavior::Strict {
+        return Err(Error::from(minijinja::ErrorKind::UndefinedError));
+    }
+    if state.auto_escape() != AutoEscape::Html || value.is_safe() {
+        return minijinja::escape_formatter(out, state, value);
+    }
+    let text = value.to_string();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find(['&', '<', '>', '"', '\'']) {
+        out.write_str(&rest[..at])?;
+        out.write_str(match rest.as_bytes()[at] {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            _ => "&#x27;",
+        })?;
+        rest = &rest[at + 1..];
+    }
+    out.write_str(rest)?;
+    Ok(())
+}
+
+/// Template filter: `{{ t.locked | fill(until=until) }}` replaces `{until}`; none prints as nothing.
+fn fill(message: String, args: Kwargs) -> Result<String, Error> {
+    let names: Vec<String> = args.args().map(str::to_owned).collect();
+    let mut message = message;
+    for name in names {
+        let value: Value = args.get(&name)?;
+        let text = if value.is_none() || value.is_undefined() {
+            String::new()
+        } else {
+            value.to_string()
+        };
+        message = message.replace(&format!("{{{name}}}"), &text);
+    }
+    Ok(message)
+}
+
+/// The accent goes into a stylesheet, so only colour syntax may pass: no `;`, braces or quotes.
+fn is_safe_css_color(color: &str) -> bool {
+    !color.is_empty()
+        && color.len() <= 64
+        && color
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "#.,%() -/".contains(c))
+}
+
+/// WCAG contrast ratio of a `#rgb`/`#rrggbb` colour against white (the text colour on the accent);
+/// `None` for other colour syntaxes. Below 4.5 the pages fail WCAG AA: `check-config` can warn.
+pub fn contrast_with_white(color: &str) -> Option<f64> {
+    let hex = color.trim().strip_prefix('#')?;
+    let expanded: String = match hex.len() {
+        3 => hex.chars().flat_map(|c| [c, c]).collect(),
+        6 => hex.to_owned(),
+        _ => return None,
+    };
+    let channel = |i: usize| -> Option<f64> {
+        let value = f64::from(u8::from_str_radix(expanded.get(i..i + 2)?, 16).ok()?) / 255.0;
+        Some(if value <= 0.03928 {
+            value / 12.92
+        } else {
+            ((value + 0.055) / 1.055).powf(2.4)
+        })
+    };
+    let luminance = 0.2126 * channel(0)? + 0.7152 * channel(2)? + 0.0722 * channel(4)?;
+    Some(1.05 / (luminance + 0.05))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn ui() -> Ui {
+        Ui::new(Branding {
+            university_name: "The University".into(),
+            accent_color: "#1f4e8c".into(),
+            logo_url: "/static/logo.png".into(),
+            support_contact: "Student Affairs 06-0000-0000".into(),
+        })
+        .expect("Ui::new")
+    }
+
+    fn common(menu: bool) -> Value {
+        context! {
+            lang_switch_url => "/login?tx=abc&lang=other",
+            menu => menu,
+            csrf => "csrf-token-123",
+        }
+    }
+
+    /// A representative context for every page, with everything optional both present and absent.
+    fn contexts(name: &str) -> Vec<Value> {
+        let none = Value::from(());
+        let with = |ctx: Value, menu: bool| merge_maps([common(menu), ctx]);
+        match name {
+            "login.html" => vec![
+                with(
+                    context! { tx => "abc", username => none.clone(), error => none.clone() },
+                    false,
+                ),
+                with(
+                    context! { tx => none.clone(), username => "s2401001", error => "login_failed" },
+                    false,
+                ),
+                with(
+                    context! { tx => "abc", username => "s2401001", error => "locked", until => "12:30" },
+                    false,
+                ),
+                with(
+                    context! {
+                        tx => "abc", username => "s2401001", error => "password_expired",
+                        password_change_url => "https://idm.example.ac.jp/",
+                    },
+                    false,
+                ),
+                with(
+                    context! { tx => none.clone(), username => none.clone(), error => none.clone(), notice => "session_expired" },
+                    false,
+                ),
+            ],
+            "step_up.html" => vec![
+                with(
+                    context! { tx => "abc", username => "s2401001", error => none.clone() },
+                    false,
+                ),
+                with(
+                    context! { tx => none.clone(), username => "s2401001", error => "login_failed" },
+                    true,
+                ),
+                with(
+                    context! { tx => "abc", username => "s2401001", error => "locked", until => "12:30" },
+                    false,
+                ),
+            ],
+            "error.html" => vec![
+                with(
+                    context! {
+                        title_key => "error_invalid_request_title", message_key => "error_invalid_request",
+                        detail => "invalid_request", back_url => "/login",
+                    },
+                    false,
+                ),
+                with(
+                    context! {
+                        title_key => "error_title", message_key => "error_internal",
+                        detail => none.clone(), back_url => none.clone(),
+                    },
+                    true,
+                ),
+            ],
+            "logout_confirm.html" => vec![
+                with(
+                    context! {
+                        client_id => "certificates", post_logout_redirect_uri => "https://cert.example.ac.jp/",
+                        state => "xyz", ui_locales => "en ja",
+                    },
+                    false,
+                ),
+                with(
+                    context! {
+                        client_id => none.clone(), post_logout_redirect_uri => none.clone(),
+                        state => none.clone(), ui_locales => none.clone(),
+                    },
+                    false,
+                ),
+            ],
+            "logged_out.html" => vec![with(context! {}, false)],
+            "account.html" => vec![
+                with(
+                    context! {
+                        display_name => "Taro Gakusei", username => "s2401001",
+                        email => "taro@example.ac.jp", notice => none.clone(),
+                    },
+                    true,
+                ),
+                with(
+                    context! { display_name => none.clone(), username => "s2401001", email => none.clone() },
+                    true,
+                ),
+            ],
+            "demo.html" => vec![
+                with(
+                    context! {
+                        start_password_url => "/demo/start?level=password",
+                        start_second_password_url => "/demo/start?level=second-password",
+                        result => none.clone(), error => none.clone(),
+                    },
+                    false,
+                ),
+                with(
+                    context! {
+                        start_password_url => "/demo/start?level=password",
+                        start_second_password_url => "/demo/start?level=second-password",
+                        result => context! {
+                            id_token_claims => "{\n  \"sub\": \"abc\",\n  \"acr\": \"urn:nidan:acr:password\"\n}",
+                            userinfo => "{\n  \"sub\": \"abc\"\n}",
+                            acr => "urn:nidan:acr:password",
+                        },
+                        error => "access_denied",
+                    },
+                    false,
+                ),
+            ],
+            "registration_needed.html" => vec![with(context! {}, false)],
+            other => panic!("no test context for {other}"),
+        }
+    }
+
+    fn pages() -> impl Iterator<Item = &'static str> {
+        TEMPLATES
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| *name != "base.html")
+    }
+
+    fn renders() -> Vec<(String, Locale, String)> {
+        let ui = ui();
+        let mut out = Vec::new();
+        for name in pages() {
+            for locale in Locale::ALL {
+                for ctx in contexts(name) {
+                    let html = ui
+                        .render(name, locale, ctx)
+                        .unwrap_or_else(|e| panic!("{name} ({}) failed: {e:#}", locale.as_str()));
+                    out.push((name.to_owned(), locale, html));
+                }
+            }
+        }
+        out
+    }
+
+    fn is_japanese(c: char) -> bool {
+        matches!(c,
+            '\u{3000}'..='\u{303F}' // CJK punctuation
+            | '\u{3040}'..='\u{30FF}' // hiragana, katakana
+            | '\u{3400}'..='\u{4DBF}' | '\u{4E00}'..='\u{9FFF}' // kanji
+            | '\u{FF00}'..='\u{FFEF}' // full-width forms
+        )
+    }
+
+    /// `(tag text)` of every `<input …>` in the page.
+    fn inputs(html: &str) -> Vec<&str> {
+        html.match_indices("<input")
+            .map(|(start, _)| &html[start..start + html[start..].find('>').unwrap() + 1])
+            .collect()
+    }
+
+    fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+        let needle = format!(" {name}=\"");
+        let start = tag.find(&needle)? + needle.len();
+        Some(&tag[start..start + tag[start..].find('"')?])
+    }
+
+    #[test]
+    fn every_template_renders_in_both_languages() {
+        let rendered = renders();
+        assert!(rendered.len() >= 2 * (TEMPLATES.len() - 1));
+        for (name, locale, html) in &rendered {
+            assert!(html.starts_with("<!DOCTYPE html>"), "{name}");
+            assert!(
+                html.contains(&format!("<html lang=\"{}\">", locale.as_str())),
+                "{name}"
+            );
+            assert!(
+                html.contains(
+                    r#"<meta name="viewport" content="width=device-width, initial-scale=1">"#
+                ),
+                "{name}"
+            );
+            assert!(
+                html.contains(r#"<link rel="stylesheet" href="/static/nidan.css">"#),
+                "{name}"
+            );
+            assert!(html.contains("The University"), "{name}");
+            assert!(
+                !html.contains("{until}") && !html.contains("{name}"),
+                "{name}: unfilled placeholder"
+            );
+        }
+    }
+
+    #[test]
+    fn pages_have_no_inline_style_or_script() {
+        for (name, _, html) in renders() {
+            let lower = html.to_lowercase();
+            assert!(!lower.contains("<script"), "{name}");
+            assert!(
+                !lower.contains(" style=") && !lower.contains("<style"),
+                "{name}"
+            );
+            let handler = lower.match_indices(" on").any(|(i, _)| {
+                let rest = &lower[i + 3..];
+                let word = rest.chars().take_while(|c| c.is_ascii_lowercase()).count();
+                word > 0 && rest[word..].starts_with('=')
+            });
+            assert!(!handler, "{name}: inline event handler");
+        }
+    }
+
+    #[test]
+    fn english_pages_have_no_japanese_except_the_switch() {
+        for (name, locale, html) in renders() {
+            if locale != Locale::En {
+                continue;
+            }
+            assert!(html.contains(">日本語</a>"), "{name}: no language switch");
+            let rest = html.replace("日本語", "");
+            let found: String = rest.chars().filter(|c| is_japanese(*c)).collect();
+            assert!(
+                found.is_empty(),
+                "{name}: Japanese text on an English page: {found}"
+            );
+        }
+        for (name, locale, html) in renders() {
+            if locale == Locale::Ja {
+                assert!(html.contains(">English</a>"), "{name}: no language switch");
+            }
+        }
+    }
+
+    #[test]
+    fn every_input_has_a_label_and_passwords_are_empty() {
+        for (name, _, html) in renders() {
+            for tag in inputs(&html) {
+                let kind = attr(tag, "type").unwrap_or("text");
+                if kind == "hidden" {
+                    continue;
+                }
+                let id =
+                    attr(tag, "id").unwrap_or_else(|| panic!("{name}: input without id: {tag}"));
+                assert!(
+                    html.contains(&format!("<label for=\"{id}\">")),
+                    "{name}: no label for {id}"
+                );
+                if kind == "password" {
+                    assert!(
+                        attr(tag, "value").is_none(),
+                        "{name}: password field with a value: {tag}"
+                    );
+                    assert_eq!(
+                        attr(tag, "autocomplete"),
+                        Some("current-password"),
+                        "{name}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn login_page_matches_the_seed() {
+        let ui = ui();
+        let ctx = merge_maps([
+            common(false),
+            context! { tx => "abc", username => "s2401001", error => "login_failed" },
+        ]);
+        let html = ui.render("login.html", Locale::Ja, ctx).unwrap();
+        for text in [
+            "在学生ログイン",
+            "ユーザID",
+            "パスワード",
+            "第2パスワード",
+            "第2パスワードを忘れた場合",
+            "注意事項",
+            "！注意事項は必ずお読みください",
+            "初回ログイン時は、学内ID/学内パスワードでログインしてください。",
+            "利用後は必ずログアウトし、ブラウザも閉じるようにしてください。",
+            "ログイン後、操作がないまま一定時間が経過すると、自動的にログアウトします。",
+            "◎ログイン出来ない場合は、以下をご確認ください。",
+            "パスワードの入力が正しいか。",
+            "大文字/小文字の入力が正しいか。",
+            "半角英数文字で入力しているか。",
+            "ユーザID、パスワードまたは第2パスワードが正しくありません。",
+        ] {
+            assert!(html.contains(text), "missing {text}");
+        }
+        assert!(html.contains(r#"<form class="form" method="post" action="/login">"#));
+        assert!(html.contains(r#"<input type="hidden" name="csrf" value="csrf-token-123">"#));
+        assert!(html.contains(r#"<input type="hidden" name="tx" value="abc">"#));
+        assert!(html
+            .contains(r#"name="username" type="text" value="s2401001" autocomplete="username""#));
+        assert!(html.contains(r#"<p class="hint" id="second-password-hint">"#));
+        assert!(html.contains(r#"role="alert" id="login-error""#));
+        assert!(html.contains(r#"aria-describedby="login-error""#));
+        assert!(html.contains(r#"href="/forgot""#));
+        assert!(html.contains(">ログイン</button>"));
+        assert!(!html.contains("<details"), "no menu before login");
+
+        let ctx = merge_maps([
+            common(false),
+            context! { tx => (), username => (), error => () },
+        ]);
+        let html = ui.render("login.html", Locale::En, ctx).unwrap();
+        assert!(!html.contains(r#"name="tx""#));
+        assert!(!html.contains("role=\"alert\""));
+        assert!(!html.contains("aria-describedby=\"login-error\""));
+        assert!(html.contains(r#"type="text" value="" autocomplete"#));
+        assert!(html.contains("Student Login"));
+    }
+
+    #[test]
+    fn locked_message_shows_time_and_contact() {
+        let ui = ui();
+        let ctx = merge_maps([
+            common(false),
+            context! { tx => (), username => "s1", error => "locked", until => "12:30" },
+        ]);
+        let html = ui.render("step_up.html", Locale::Ja, ctx).unwrap();
+        assert!(html.contains("12:30 まで"));
+        assert!(html.contains("Student Affairs 06-0000-0000"));
+        assert!(html.contains(r#"action="/login/step-up""#));
+        assert!(
+            !html.contains(r#"name="username""#),
+            "step-up has no username field"
+        );
+        assert!(
+            !html.contains(r#"name="password""#),
+            "step-up has no password field"
+        );
+        assert_eq!(
+            ui.message_with(Locale::En, "locked", &[("until", "12:30")]),
+            "Because of repeated wrong second passwords, logging in with the second password is blocked until 12:30."
+        );
+    }
+
+    #[test]
+    fn menu_is_a_gear_with_four_items_and_a_logout_post() {
+        let ui = ui();
+        let ctx = merge_maps([
+            common(true),
+            context! { display_name => "Taro", username => "s2401001", email => "t@example.ac.jp" },
+        ]);
+        let html = ui.render("account.html", Locale::Ja, ctx.clone()).unwrap();
+        assert!(html.contains("<details class=\"menu\">"));
+        assert!(html.contains("<span class=\"visually-hidden\">メニュー</span>"));
+        for (href, text) in [
+            ("/account/email", "メールアドレス変更"),
+            ("/account/second-password", "第2パスワード変更"),
+            ("/manual", "マニュアル"),
+        ] {
+            assert!(html.contains(&format!(r#"<a class="menu-item" href="{href}">{text}</a>"#)));
+        }
+        assert!(html.contains(r#"<form class="menu-logout" method="post" action="/logout">"#));
+        assert!(html.contains(r#"<button class="menu-item" type="submit">ログアウト</button>"#));
+        assert!(html.contains("Taro さん（ユーザID: s2401001）"));
+        let html = ui.render("account.html", Locale::En, ctx).unwrap();
+        assert!(html.contains("<span class=\"visually-hidden\">Menu</span>"));
+    }
+
+    #[test]
+    fn logged_out_page_has_no_form_and_confirm_page_has_one() {
+        let ui = ui();
+        let html = ui
+            .render("logged_out.html", Locale::Ja, common(false))
+            .unwrap();
+        assert!(!html.contains("<form"));
+        assert!(html.contains("role=\"status\""));
+        let ctx = merge_maps([
+            common(false),
+            context! { client_id => "c1", post_logout_redirect_uri => (), state => "s", ui_locales => () },
+        ]);
+        let html = ui.render("logout_confirm.html", Locale::En, ctx).unwrap();
+        assert!(html.contains(r#"<input type="hidden" name="client_id" value="c1">"#));
+        assert!(html.contains(r#"<input type="hidden" name="state" value="s">"#));
+        assert!(!html.contains("post_logout_redirect_uri"));
+        assert!(!html.contains(r#"name="ui_locales""#));
+        assert!(html.contains(">Log out</button>"));
+    }
+
+    #[test]
+    fn values_are_escaped() {
+        let ui = ui();
+        let ctx = merge_maps([
+            common(false),
+            context! { tx => "\"><script>", username => "<script>alert(1)</script>", error => () },
+        ]);
+        let html = ui.render("login.html", Locale::Ja, ctx).unwrap();
+        assert!(!html.contains("<script"));
+        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(html.contains(r#"name="tx" value="&quot;&gt;&lt;script&gt;""#));
+    }
+
+    #[test]
+    fn missing_context_is_an_error() {
+        let ui = ui();
+        assert!(ui.render("login.html", Locale::Ja, common(false)).is_err());
+        assert!(ui.render("nope.html", Locale::Ja, common(false)).is_err());
+        assert!(
+            ui.env.render_str("{{ nope }}", context! {}).is_err(),
+            "printing undefined"
+        );
+        assert!(ui
+            .env
+            .render_str("{{ t.nope }}", context! { t => context! {} })
+            .is_err());
+        assert_eq!(
+            ui.env
+                .render_str("{{ a }}", context! { a => "a/b&<'\"" })
+                .unwrap(),
+            "a/b&amp;&lt;&#x27;&quot;"
+        );
+    }
+
+    #[test]
+    fn catalogs_have_the_same_keys() {
+        let ja: BTreeSet<_> = ui().catalogs[0].messages.keys().cloned().collect();
+        let en: BTreeSet<_> = ui().catalogs[1].messages.keys().cloned().collect();
+        assert_eq!(
+            ja.symmetric_difference(&en).collect::<Vec<_>>(),
+            Vec::<&String>::new(),
+            "ja.toml and en.toml differ"
+        );
+        for (key, message) in &ui().catalogs[1].messages {
+            let japanese = message.chars().any(is_japanese);
+            assert!(
+                !japanese || key == "lang_switch",
+                "en.toml {key} is not English: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_the_server_uses_exist() {
+        let ui = ui();
+        // Messages of the login and step-up pages (`error`).
+        for key in [
+            "login_failed",
+            "csrf_failed",
+            "directory_unavailable",
+            "request_expired",
+            "second_password_required",
+            "locked",
+            "too_many_attempts",
+            "password_expired",
+            "username_required",
+            "password_required",
+            "second_password_empty",
+            "session_expired",
+        ] {
+            assert!(ui.has_message(key), "{key}");
+        }
+        // The error page: a generic title, and a title and message per error.
+        assert!(ui.has_message("error_title"));
+        for key in [
+            "error_invalid_request",
+            "error_unknown_client",
+            "error_bad_redirect_uri",
+            "error_request_expired",
+            "error_directory_unavailable",
+            "error_internal",
+            "error_csrf",
+            "error_not_found",
+            "registration_needed",
+        ] {
+            assert!(ui.has_message(&format!("{key}_title")), "{key}_title");
+            if key != "registration_needed" {
+                assert!(ui.has_message(key), "{key}");
+            } else {
+                assert!(ui.has_message("registration_needed_message"));
+            }
+        }
+        assert_eq!(ui.message(Locale::Ja, "login_title"), "在学生ログイン");
+        assert_eq!(ui.message(Locale::En, "login_title"), "Student Login");
+    }
+
+    #[test]
+    fn every_catalog_reference_in_templates_exists() {
+        let ui = ui();
+        for (name, source) in TEMPLATES {
+            let bytes = source.as_bytes();
+            for (i, _) in source.match_indices("t.") {
+                let before = if i == 0 { b' ' } else { bytes[i - 1] };
+                if before.is_ascii_alphanumeric() || before == b'_' || before == b'.' {
+                    continue;
+                }
+                let key: String = source[i + 2..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    !key.is_empty() && ui.has_message(&key),
+                    "{name}: t.{key} not in the catalogs"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn stylesheet_carries_the_accent() {
+        let ui = ui();
+        assert!(ui.stylesheet().starts_with(":root{--accent:#1f4e8c}\n"));
+        assert!(ui.stylesheet().ends_with(CSS));
+        assert!(CSS.contains("var(--accent"));
+        for bad in ["red;}body{display:none", "#fff\"", "", "{"] {
+            let branding = Branding {
+                university_name: "U".into(),
+                accent_color: bad.into(),
+                logo_url: String::new(),
+                support_contact: String::new(),
+            };
+            assert!(Ui::new(branding).is_err(), "{bad:?} accepted");
+        }
+        let default = contrast_with_white("#1f4e8c").unwrap();
+        assert!(default > 4.5, "{default}");
+        assert!(contrast_with_white("#ffff00").unwrap() < 4.5);
+        assert!((contrast_with_white("#000").unwrap() - 21.0).abs() < 0.01);
+        assert_eq!(contrast_with_white("navy"), None);
+    }
+
+    #[test]
+    fn locale_parse() {
+        assert_eq!(Locale::parse("ja"), Some(Locale::Ja));
+        assert_eq!(Locale::parse("ja-JP"), Some(Locale::Ja));
+        assert_eq!(Locale::parse("JA"), Some(Locale::Ja));
+        assert_eq!(Locale::parse("en-US"), Some(Locale::En));
+        assert_eq!(Locale::parse("en_GB"), Some(Locale::En));
+        assert_eq!(Locale::parse(" En "), Some(Locale::En));
+        assert_eq!(Locale::parse("fr"), None);
+        assert_eq!(Locale::parse("jav"), None);
+        assert_eq!(Locale::parse(""), None);
+        assert_eq!(Locale::Ja.as_str(), "ja");
+        assert_eq!(Locale::En.other(), Locale::Ja);
+        assert_eq!(serde_json::to_string(&Locale::En).unwrap(), "\"en\"");
+        assert_eq!(
+            serde_json::from_str::<Locale>("\"ja\"").unwrap(),
+            Locale::Ja
+        );
+    }
+
+    #[test]
+    fn locale_negotiation() {
+        use Locale::{En, Ja};
+        let n = Locale::negotiate;
+        assert_eq!(n(None, None, None, Ja), Ja);
+        assert_eq!(n(None, None, None, En), En);
+        // Explicit lang wins over everything.
+        assert_eq!(n(Some("en"), Some("ja"), Some("ja"), Ja), En);
+        // An unusable lang falls through.
+        assert_eq!(n(Some("fr"), Some("en"), None, Ja), En);
+        // ui_locales: the first supported entry.
+        assert_eq!(n(None, Some("fr-CA en ja"), Some("ja"), Ja), En);
+        assert_eq!(n(None, Some("fr de"), Some("en-US"), Ja), En);
+        // Accept-Language with q-values.
+        assert_eq!(n(None, None, Some("en-US,en;q=0.9,ja;q=0.8"), Ja), En);
+        assert_eq!(n(None, None, Some("en;q=0.5, ja-JP;q=0.9"), En), Ja);
+        assert_eq!(n(None, None, Some("fr, ja;q=0.1"), En), Ja);
+        assert_eq!(n(None, None, Some("en;q=0, ja;q=0.2"), En), Ja);
+        assert_eq!(n(None, None, Some("en;q=0"), Ja), Ja);
+        assert_eq!(n(None, None, Some("fr, *;q=0.5"), En), En);
+        assert_eq!(n(None, None, Some("en;q=abc, ja"), En), Ja);
+        assert_eq!(n(None, None, Some("ja, en"), En), Ja, "tie: first listed");
+        assert_eq!(n(None, None, Some(""), En), En);
+        assert_eq!(n(None, None, Some("de-DE,de;q=0.9"), Ja), Ja);
+    }
+}
