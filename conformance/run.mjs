@@ -1214,6 +1214,52 @@ async function promptChecks() {
   });
 }
 
+async function requestParameterChecks() {
+  section('Other request parameters (Basic OP)');
+  const { basic } = state.rps;
+  await test('login_hint is accepted', async () => {
+    await codeFlow(basic, { extra: { login_hint: USER1.username } });
+  });
+  await test('ui_locales=en gives an English login page (<html lang="en">)', async () => {
+    const b = new Browser();
+    const url = client.buildAuthorizationUrl(basic.config, {
+      redirect_uri: basic.redirectUri, scope: 'openid', state: 's', nonce: 'n', ui_locales: 'en',
+    });
+    let r = await b.request(url.href);
+    for (let i = 0; i < 5 && isRedirect(r.status); i++) r = await b.request(r.location);
+    eq(r.status, 200, `login page status (${summary(r)})`);
+    const lang = r.text.match(/<html\b[^>]*\blang\s*=\s*["']([^"']+)["']/i)?.[1];
+    assert(lang && lang.toLowerCase().startsWith('en'), `<html lang> is ${show(lang ?? null)}`);
+  });
+  await test('display=popup is accepted (and ignored)', async () => {
+    await codeFlow(basic, { extra: { display: 'popup' } });
+  });
+  await test('unknown request parameters are ignored', async () => {
+    await codeFlow(basic, { extra: { foo_unknown: 'bar', x_nidan_test: '1' } });
+  });
+  await test('prompt=none with id_token_hint of the current session returns a code', async () => {
+    const b = new Browser();
+    const g = await codeFlow(basic, { browser: b });
+    const f = await codeFlow(basic, { browser: b, user: null, expectPages: [], extra: { prompt: 'none', id_token_hint: g.tokens.id_token } });
+    eq(f.claims.sub, g.claims.sub, 'sub');
+  });
+  await test('claims parameter: a userinfo claim asked for by name is released (scope openid only)', async () => {
+    const claims = JSON.stringify({ userinfo: { name: { essential: true }, preferred_username: null } });
+    const g = await codeFlow(basic, { scope: 'openid', extra: { claims } });
+    const u = ok2(await userinfo(g.tokens.access_token), g.claims.sub);
+    eq(u.name, USER1.claims.name, 'name');
+    eq(u.preferred_username, USER1.username, 'preferred_username');
+  });
+  await test('claims parameter: an ID token claim asked for by name is in the ID token', async () => {
+    const claims = JSON.stringify({ id_token: { name: null } });
+    const g = await codeFlow(basic, { scope: 'openid', extra: { claims } });
+    eq(g.claims.name, USER1.claims.name, 'name');
+  });
+  await test('claims parameter that is not JSON gives invalid_request', async () => {
+    expectAuthError(await authError(basic, { claims: '{not json' }), 'invalid_request');
+  });
+}
+
 async function maxAgeChecks() {
   section('max_age');
   const { basic } = state.rps;
@@ -1247,7 +1293,6 @@ async function acrChecks() {
   };
   const b = new Browser();
   const low = await test('acr_values=urn:nidan:acr:password gives the password level', async () => {
-    enrolled();
     const f = await codeFlow(basic, { browser: b, extra: { acr_values: ACR_PASSWORD }, expectPages: ['login'] });
     eq(f.claims.acr, ACR_PASSWORD, 'acr');
     return f;
@@ -1259,6 +1304,7 @@ async function acrChecks() {
   });
   await test('acr_values=second-password on a password session shows only the step-up page', async () => {
     const l = need(low, 'a password-level session').claims;
+    enrolled();
     await sleep(1100);
     const f = await codeFlow(basic, { browser: b, extra: { acr_values: ACR_SECOND }, expectPages: ['step-up'] });
     eq(f.claims.acr, ACR_SECOND, 'acr');
@@ -1645,6 +1691,49 @@ async function logoutChecks() {
     }
   });
 
+  await test('id_token_hint + registered post_logout_redirect_uri without state: redirect without state', async () => {
+    const b = new Browser();
+    const g = await codeFlow(basic, { browser: b });
+    const r = await b.request(client.buildEndSessionUrl(basic.config, { id_token_hint: g.tokens.id_token, post_logout_redirect_uri: basic.postLogout }).href);
+    assert(isRedirect(r.status), `HTTP ${r.status}: ${summary(r)}`);
+    eq(r.location, basic.postLogout, 'redirect target');
+    await sessionGone(b);
+  });
+
+  await test('id_token_hint without post_logout_redirect_uri: logged out, a page without a form', async () => {
+    const b = new Browser();
+    const g = await codeFlow(basic, { browser: b });
+    const r = await b.request(client.buildEndSessionUrl(basic.config, { id_token_hint: g.tokens.id_token, state: 'ignored' }).href);
+    if (isRedirect(r.status)) {
+      assert(new URL(r.location).origin === new URL(state.issuer).origin, `redirected off-site to ${r.location}`);
+    } else {
+      eq(r.status, 200, `status (${summary(r)})`);
+      assert(!parseForms(r.text, r.url).some((fm) => fm.method === 'POST' && 'csrf' in fm.hidden), 'a confirmation form was shown although the hint is valid');
+    }
+    await sessionGone(b);
+  });
+
+  await test('post_logout_redirect_uri with a query added is not redirected to', async () => {
+    const b = new Browser();
+    const g = await codeFlow(basic, { browser: b });
+    const r = await b.request(
+      client.buildEndSessionUrl(basic.config, { id_token_hint: g.tokens.id_token, post_logout_redirect_uri: `${basic.postLogout}?extra=1`, state: 'x' }).href,
+    );
+    assert(!(isRedirect(r.status) && r.location?.startsWith(basic.postLogout)), `redirected to ${r.location}`);
+  });
+
+  await test('post_logout_redirect_uri without id_token_hint: no redirect before the student confirms', async () => {
+    const b = new Browser();
+    await codeFlow(basic, { browser: b });
+    const u = new URL(state.meta.end_session_endpoint);
+    u.searchParams.set('post_logout_redirect_uri', basic.postLogout);
+    u.searchParams.set('client_id', basic.id);
+    u.searchParams.set('state', 'x');
+    const r = await b.request(u.href);
+    assert(!(isRedirect(r.status) && r.location?.startsWith(basic.postLogout)), `redirected to the RP without confirmation: ${r.location}`);
+    await codeFlow(basic, { browser: b, extra: { prompt: 'none' }, user: null, expectPages: [] });
+  });
+
   await test('without id_token_hint: a confirmation page (POST form with csrf), then logged out', async () => {
     const b = new Browser();
     await codeFlow(basic, { browser: b });
@@ -1658,7 +1747,7 @@ async function logoutChecks() {
     await sessionGone(b);
   });
 
-  await test('an id_token_hint with a bad signature does not log out silently', async () => {
+  await test('an id_token_hint with a bad signature: no silent logout, the confirmation page instead', async () => {
     const b = new Browser();
     const g = await codeFlow(basic, { browser: b });
     const [h, p, s] = g.tokens.id_token.split('.');
@@ -1668,6 +1757,9 @@ async function logoutChecks() {
     const url = client.buildEndSessionUrl(basic.config, { id_token_hint: forged, post_logout_redirect_uri: basic.postLogout, state: 'x' });
     const r = await b.request(url.href);
     assert(!(isRedirect(r.status) && r.location?.startsWith(basic.postLogout)), `redirected to the RP: ${r.location}`);
+    // PRODUCT.md: "without a valid hint it asks the student to confirm"
+    eq(r.status, 200, `status (${summary(r)})`);
+    assert(parseForms(r.text, r.url).some((fm) => fm.method === 'POST' && 'csrf' in fm.hidden), 'no confirmation form (POST with csrf)');
     // the session must still be there (nothing confirmed)
     await codeFlow(basic, { browser: b, extra: { prompt: 'none' }, user: null, expectPages: [] });
   });
@@ -1697,6 +1789,7 @@ const AREAS = [
   ['ID token', idTokenChecksArea],
   ['nonce and state', nonceStateChecks],
   ['prompt', promptChecks],
+  ['Other request parameters (Basic OP)', requestParameterChecks],
   ['max_age', maxAgeChecks],
   ['acr_values and the step-up', acrChecks],
   ['UserInfo', userinfoChecks],
@@ -1708,6 +1801,10 @@ const AREAS = [
   ['Authorization request errors', authRequestErrorChecks],
   ['RP-initiated logout', logoutChecks],
 ];
+
+function firstLines(text, n = 2) {
+  return (text ?? '').split('\n').map((l) => l.trim()).filter(Boolean).slice(0, n).join(' / ').slice(0, 400);
+}
 
 async function setup() {
   section('Setup');
@@ -1722,7 +1819,7 @@ async function setup() {
   if (!prepared) return false;
   await test('`nidan check-config` accepts the configuration', async () => {
     const r = runNidan(bin, ['check-config', '--config', state.configPath]);
-    if (r.status !== 0) throw new Error(`exit ${r.status}: ${(r.stderr || r.stdout).trim().slice(0, 400)}`);
+    if (r.status !== 0) throw new Error(`exit ${r.status}: ${firstLines(r.stderr || r.stdout)}`);
   });
   const meta = await test(`nidan serve starts and serves discovery on ${state.issuer}`, () => startServer(bin));
   if (!meta) return false;
@@ -1732,7 +1829,7 @@ async function setup() {
       const file = path.join(state.tmp, 'import.jsonl');
       fs.writeFileSync(file, `${JSON.stringify({ username: USER1.username, email: USER1.email, second_password: USER1.secondPassword })}\n`);
       const r = runNidan(bin, ['user', 'import', file, '--config', state.configPath]);
-      if (r.status !== 0) throw new Error(`exit ${r.status}: ${(r.stderr || r.stdout).trim().slice(0, 400)}`);
+      if (r.status !== 0) throw new Error(`exit ${r.status}: ${firstLines(r.stderr || r.stdout)}`);
     }),
   );
   configureRps();

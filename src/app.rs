@@ -187,7 +187,7 @@ async fn not_found() -> PageError {
 }
 
 async fn stylesheet(State(state): State<AppState>) -> Response {
-    let css = format!(":root{{--accent:{}}}\n{}", state.config.accent_color, crate::ui::CSS);
+    let css = state.ui.stylesheet().to_string();
     let mut response = css.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/css; charset=utf-8"));

@@ -161,6 +161,7 @@ pub struct Ui {
     env: Environment<'static>,
     catalogs: [Catalog; 2],
     brand: Value,
+    brand_en: Value,
     stylesheet: String,
 }
 
@@ -199,6 +200,18 @@ impl Ui {
             Catalog::load(Locale::Ja, CATALOG_JA)?,
             Catalog::load(Locale::En, CATALOG_EN)?,
         ];
+        // English pages carry no Japanese: a Japanese-only contact is left off them.
+        let contact_en = if branding.support_contact.is_ascii() {
+            branding.support_contact.clone()
+        } else {
+            String::new()
+        };
+        let brand_en = context! {
+            university_name => branding.university_name.clone(),
+            accent_color => accent.to_string(),
+            logo_url => branding.logo_url.clone(),
+            support_contact => contact_en,
+        };
         let brand = context! {
             university_name => branding.university_name,
             accent_color => accent,
@@ -210,6 +223,7 @@ impl Ui {
             env,
             catalogs,
             brand,
+            brand_en,
             stylesheet,
         })
     }
@@ -223,7 +237,7 @@ impl Ui {
             lang => locale.as_str(),
             lang_other => locale.other().as_str(),
             t => self.catalog(locale).value.clone(),
-            brand => self.brand.clone(),
+            brand => if locale == Locale::En { self.brand_en.clone() } else { self.brand.clone() },
         };
         template.render(merge_maps([base, ctx]))
     }

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs every test of nidan on a fresh machine: installs what is missing (when root), builds,
+# runs the Rust test suite (SQLite and PostgreSQL) and the OpenID Provider conformance check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+install_packages() {
+  local missing=()
+  command -v node >/dev/null || missing+=(nodejs npm)
+  command -v pg_ctl >/dev/null || [ -x /usr/local/bin/pg_ctl ] || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+      echo "missing packages: ${missing[*]} (install them, or run this script as root)" >&2
+      exit 1
+    fi
+    log "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+ensure_postgres() {
+  # The tests create their own databases on the local server (127.0.0.1:5432, user postgres).
+  if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then return; fi
+  if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+    log "starting PostgreSQL"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  fi
+}
+
+install_packages
+ensure_postgres
+
+log "building"
+cargo build --locked --bin nidan
+
+log "Rust test suite"
+if command -v cargo-nextest >/dev/null; then
+  cargo nextest run --locked --no-fail-fast
+else
+  cargo test --locked --no-fail-fast
+fi
+
+log "OpenID Provider conformance"
+(cd conformance && npm ci --no-audit --no-fund --loglevel=error)
+node conformance/run.mjs --nidan target/debug/nidan
