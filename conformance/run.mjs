@@ -1468,6 +1468,23 @@ async function refreshChecks() {
     const r = await rawToken(state.rps.post, { grant_type: 'refresh_token', refresh_token: rt });
     expectOAuthError(r, 400, 'invalid_grant');
   });
+  await test('a refresh token issued without offline_access ends with the session (logout)', async () => {
+    const b = new Browser();
+    const g = await codeFlow(basic, { browser: b, scope: 'openid profile' });
+    if (!g.tokens.refresh_token) return; // none issued: nothing outlives the session
+    const r = await b.request(client.buildEndSessionUrl(basic.config, { id_token_hint: g.tokens.id_token }).href);
+    assert(r.status < 400, `logout: HTTP ${r.status} ${summary(r)}`);
+    expectOAuthError(await rawToken(basic, { grant_type: 'refresh_token', refresh_token: g.tokens.refresh_token }), 400, 'invalid_grant', 'refresh after logout');
+  });
+  await test('an offline_access refresh token survives the logout of the session', async () => {
+    const b = new Browser();
+    const g = await codeFlow(basic, { browser: b, scope: 'openid offline_access' });
+    const rt = need(g.tokens.refresh_token, 'a refresh token');
+    const r = await b.request(client.buildEndSessionUrl(basic.config, { id_token_hint: g.tokens.id_token }).href);
+    assert(r.status < 400, `logout: HTTP ${r.status} ${summary(r)}`);
+    const t = await rawToken(basic, { grant_type: 'refresh_token', refresh_token: rt });
+    eq(t.status, 200, `refresh after logout (${show(t.json ?? t.text)})`);
+  });
   await test('public client: refresh with PKCE-issued tokens and rotation', async () => {
     const g = await codeFlow(pub, { scope: 'openid offline_access' });
     const rt = need(g.tokens.refresh_token, 'a refresh token for the public client');
@@ -1890,6 +1907,17 @@ async function finish() {
   process.exit(counts.failed > 0 ? 1 : 0);
 }
 
+for (const ev of ['uncaughtException', 'unhandledRejection']) {
+  process.on(ev, (e) => {
+    console.log(`  FAIL  runner: ${ev}: ${describeError(e)}`);
+    counts.failed++;
+    finish();
+  });
+}
+// Never leave a server behind, whatever happens.
+process.on('exit', () => {
+  if (state.child && !state.childExited) state.child.kill('SIGKILL');
+});
 for (const sig of ['SIGINT', 'SIGTERM']) {
   process.on(sig, () => {
     console.log(`\n  FAIL  interrupted by ${sig}`);

@@ -115,6 +115,40 @@ impl AppState {
         Ok(response)
     }
 
+    /// The client's address: the peer, or the nearest untrusted X-Forwarded-For hop when the
+    /// peer is a trusted proxy.
+    pub fn client_ip(&self, headers: &HeaderMap, peer: SocketAddr) -> std::net::IpAddr {
+        let trusted = |ip: &std::net::IpAddr| self.config.trusted_proxies.iter().any(|n| n.contains(ip));
+        let mut ip = peer.ip();
+        if !trusted(&ip) {
+            return ip;
+        }
+        let hops: Vec<std::net::IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|h| h.trim().parse().ok())
+            .collect();
+        for hop in hops.into_iter().rev() {
+            ip = hop;
+            if !trusted(&hop) {
+                break;
+            }
+        }
+        ip
+    }
+
+    /// A time as the students read it (Japan time, HH:MM).
+    pub fn local_time(&self, t: Timestamp) -> String {
+        let offset = time::UtcOffset::from_hms(9, 0, 0).expect("valid offset");
+        time::OffsetDateTime::from_unix_timestamp(t)
+            .map(|d| d.to_offset(offset))
+            .ok()
+            .and_then(|d| d.format(time::macros::format_description!("[hour]:[minute]")).ok())
+            .unwrap_or_default()
+    }
+
     pub fn replica_ready(&self) -> bool {
         !self.shutting_down.load(Ordering::Relaxed)
     }

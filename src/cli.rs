@@ -36,6 +36,17 @@ pub enum Command {
     Keys(KeysCommand),
     /// Read a password from standard input and print its argon2id PHC string.
     HashPassword,
+    /// Look at and help students.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Show a student's account, enrollment and lock state.
+    Show { username: String },
+    /// Lift every login lock and delay of a student.
+    Unlock { username: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -155,6 +166,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Command::Client(command) => client_command(config, command).await,
                 Command::Keys(command) => keys_command(config, command).await,
+                Command::User(command) => user_command(config, command).await,
                 Command::HashPassword | Command::CheckConfig => unreachable!(),
             }
         }
@@ -296,6 +308,61 @@ async fn keys_command(config: Config, command: KeysCommand) -> anyhow::Result<()
                 key.kid,
                 format_time(key.active_from)
             );
+            Ok(())
+        }
+    }
+}
+
+async fn user_command(config: Config, command: UserCommand) -> anyhow::Result<()> {
+    let store = crate::store::connect(&config.database_url).await?;
+    let now = SystemClock.now();
+    match command {
+        UserCommand::Show { username } => {
+            let username = crate::auth::normalize_username(&username);
+            let accounts = store.find_accounts_by_username(&username).await?;
+            if accounts.is_empty() {
+                println!("no account for {username} (students get one at their first login)");
+            }
+            for account in accounts {
+                println!("user ID:          {}", account.username);
+                println!("account id:       {}", account.id);
+                println!("directory id:     {}", account.directory_id);
+                println!("created:          {}", format_time(account.created_at));
+                println!(
+                    "email:            {}",
+                    match (&account.email, account.email_verified_at) {
+                        (Some(email), Some(at)) => format!("{email} (verified {})", format_time(at)),
+                        (Some(email), None) => format!("{email} (not verified)"),
+                        _ => "not registered".into(),
+                    }
+                );
+                println!(
+                    "second password:  {}",
+                    account.second_password_set_at.map_or("not set".into(), |t| format!("set {}", format_time(t)))
+                );
+                let second = store.throttle_get(&format!("second:{}", account.id)).await?;
+                let pw = store.throttle_get(&format!("pwacct:{}", account.username)).await?;
+                for (what, counter) in [("university password", pw), ("second password", second)] {
+                    if let Some(c) = counter {
+                        let lock = c.locked_until.filter(|t| *t > now).map(format_time);
+                        println!(
+                            "{what:<17} {} recent failures{}",
+                            c.failures,
+                            lock.map(|t| format!(", locked until {t}")).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        UserCommand::Unlock { username } => {
+            let username = crate::auth::normalize_username(&username);
+            let accounts = store.find_accounts_by_username(&username).await?;
+            let mut removed = crate::auth::throttle::unlock(&store, &username, None).await?;
+            for account in &accounts {
+                removed += crate::auth::throttle::unlock(&store, &username, Some(&account.id)).await?;
+            }
+            println!("{username}: {removed} lock counters cleared");
             Ok(())
         }
     }

@@ -1,7 +1,9 @@
 //! The students' login page (the seed's 在学生ログイン), the step-up page that asks only for the
 //! second password, and the menu page a sign-in without a pending request leads to.
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use minijinja::context;
@@ -11,6 +13,7 @@ use super::csrf::{self, Browser};
 use super::levels::{decide, Decision};
 use super::normalize_username;
 use super::session::{self, set_cookie, SESSION_COOKIE};
+use super::throttle;
 use crate::app::{see_other, AppState};
 use crate::clock::{random_bytes, random_id, random_token};
 use crate::crypto::{b64url, token_digest};
@@ -79,7 +82,12 @@ fn read_form(headers: &HeaderMap, body: &Bytes) -> Result<Params, PageError> {
     Params::parse(body).map_err(|e| PageError::bad_request("error_invalid_request", e.describe()))
 }
 
-pub async fn login_submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, PageError> {
+pub async fn login_submit(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, PageError> {
     let params = read_form(&headers, &body)?;
     let browser = csrf::verify(&state, &headers, params.get("csrf").unwrap_or("")).ok_or_else(PageError::csrf)?;
     let pending = pending(&state, params.get("tx"), &browser).await?;
@@ -94,11 +102,24 @@ pub async fn login_submit(State(state): State<AppState>, headers: HeaderMap, bod
     if username.is_empty() || password.is_empty() || username.len() > 256 || password.len() > 1024 {
         return fail("login_failed");
     }
+    let ip = state.client_ip(&headers, peer);
+    // Throttling comes before the directory; a refusal looks and takes like a wrong password.
+    let Some(reservation) = throttle::reserve_university(&state, &username, ip).await? else {
+        state.hasher.verify(None, password).await;
+        return fail("login_failed");
+    };
     let user = match state.directory.authenticate(&username, password).await {
         Ok(user) => user,
-        Err(DirectoryError::InvalidCredentials | DirectoryError::Disabled) => return fail("login_failed"),
-        Err(DirectoryError::PasswordExpired) => return fail("password_expired"),
+        Err(DirectoryError::InvalidCredentials | DirectoryError::Disabled) => {
+            reservation.failed(&state).await?;
+            return fail("login_failed");
+        }
+        Err(DirectoryError::PasswordExpired) => {
+            reservation.succeeded(&state).await?;
+            return fail("password_expired");
+        }
         Err(DirectoryError::Unavailable(why)) => {
+            reservation.succeeded(&state).await?;
             tracing::warn!(reason = %why, "directory unavailable at login");
             return Err(PageError::unavailable().in_locale(locale));
         }
@@ -110,13 +131,22 @@ pub async fn login_submit(State(state): State<AppState>, headers: HeaderMap, bod
         .await?;
     let second_checked = match (&account.second_password_hash, second_password.is_empty()) {
         (Some(hash), false) => {
+            let Some(second) = throttle::reserve_second_password(&state, &account.id).await? else {
+                // The university password was right, so the lock may be told, with the help desk.
+                reservation.succeeded(&state).await?;
+                return locked_page(&state, &headers, &browser, locale, &pending, &account, "login.html").await;
+            };
             if !state.hasher.verify(Some(hash), second_password).await {
+                reservation.succeeded(&state).await?;
+                second.failed(&state).await?;
                 return fail("login_failed");
             }
+            second.succeeded_fully(&state).await?;
             true
         }
         _ => false,
     };
+    reservation.succeeded_fully(&state).await?;
     let existing = session::current(&state, &headers).await?;
     let existing = match existing {
         Some(old) if old.account_id != account.id => {
@@ -221,14 +251,17 @@ pub async fn step_up_submit(State(state): State<AppState>, headers: HeaderMap, b
         return Ok(see_other("/login"));
     };
     let second_password = params.get("second_password").unwrap_or("");
-    let ok = !second_password.is_empty()
-        && state
-            .hasher
-            .verify(account.second_password_hash.as_deref(), second_password)
-            .await;
-    if !ok {
+    if second_password.is_empty() {
+        return step_up_form(&state, &headers, &browser, locale, &pending, &account, Some("second_password_empty"));
+    }
+    let Some(reservation) = throttle::reserve_second_password(&state, &account.id).await? else {
+        return locked_page(&state, &headers, &browser, locale, &pending, &account, "step_up.html").await;
+    };
+    if !state.hasher.verify(account.second_password_hash.as_deref(), second_password).await {
+        reservation.failed(&state).await?;
         return step_up_form(&state, &headers, &browser, locale, &pending, &account, Some("login_failed"));
     }
+    reservation.succeeded_fully(&state).await?;
     let now = state.clock.now();
     let cookie = random_token();
     session.cookie_digest = token_digest(&cookie);
@@ -240,6 +273,31 @@ pub async fn step_up_submit(State(state): State<AppState>, headers: HeaderMap, b
         .headers_mut()
         .append(header::SET_COOKIE, set_cookie(&state, SESSION_COOKIE, &cookie, None));
     Ok(response)
+}
+
+/// The second-password level is locked: say until when, with the help desk (shown only after the
+/// university password was right, or inside a signed-in session).
+async fn locked_page(
+    state: &AppState,
+    headers: &HeaderMap,
+    browser: &Browser,
+    locale: Locale,
+    pending: &Pending,
+    account: &Account,
+    template: &str,
+) -> Result<Response, PageError> {
+    let until = throttle::second_password_locked_until(state, &account.id)
+        .await?
+        .map(|t| state.local_time(t))
+        .unwrap_or_default();
+    let ctx = context! {
+        tx => pending.as_ref().map(|(tx, _)| tx.id.clone()),
+        username => account.username.clone(),
+        error => "locked",
+        until => until,
+        password_change_url => state.config.password_change_url.clone(),
+    };
+    state.page_with_status(StatusCode::TOO_MANY_REQUESTS, locale, template, ctx, browser, headers)
 }
 
 /// The menu (gear) page. It needs the second password entered within `menu_reauth`.

@@ -3,7 +3,9 @@ pub mod csrf;
 pub mod levels;
 pub mod login;
 pub mod passwords;
+pub mod second_password;
 pub mod session;
+pub mod throttle;
 
 use unicode_normalization::UnicodeNormalization;
 

@@ -164,6 +164,16 @@ pub struct RefreshToken {
     pub revoked_at: Option<Timestamp>,
 }
 
+#[derive(Debug, Clone, FromRow)]
+pub struct ThrottleCounter {
+    pub key: String,
+    pub window_start: Timestamp,
+    pub failures: i64,
+    pub locked_until: Option<Timestamp>,
+    /// How many times the key was locked since its last full success; locks grow with it.
+    pub lock_count: i64,
+}
+
 /// The outcome of redeeming a single-use value with one atomic statement.
 #[derive(Debug)]
 pub enum Redeemed<T> {
@@ -244,6 +254,20 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()>;
     async fn find_refresh_token(&self, digest: &str) -> StoreResult<Option<RefreshToken>>;
     async fn redeem_refresh_token(&self, digest: &str, now: Timestamp) -> StoreResult<Redeemed<RefreshToken>>;
+
+    // Throttling. A reservation counts an attempt before it is checked, so that parallel attempts
+    // can never exceed `limit`; a success gives its reservation back.
+    /// Takes one of `limit` attempts in the current window; None when locked or at the limit.
+    async fn throttle_reserve(&self, key: &str, limit: i64, window: i64, now: Timestamp) -> StoreResult<Option<i64>>;
+    async fn throttle_release(&self, key: &str) -> StoreResult<()>;
+    /// Locks the key until `until` (unless already locked) and starts a new window.
+    async fn throttle_lock(&self, key: &str, until: Timestamp, now: Timestamp) -> StoreResult<()>;
+    async fn throttle_get(&self, key: &str) -> StoreResult<Option<ThrottleCounter>>;
+    /// After a full success: failures and the lock history go (an active lock stays).
+    async fn throttle_reset(&self, key: &str) -> StoreResult<()>;
+    /// Removes counters entirely (operator unlock).
+    async fn throttle_clear(&self, key: &str) -> StoreResult<u64>;
+    async fn throttle_clear_prefix(&self, prefix: &str) -> StoreResult<u64>;
 
     /// Records a `private_key_jwt` assertion id; false when it was seen before.
     async fn record_assertion(&self, id: &str, expires_at: Timestamp) -> StoreResult<bool>;

@@ -459,6 +459,89 @@ macro_rules! sql_store {
                 Ok(used.map_or(Redeemed::NotFound, Redeemed::AlreadyUsed))
             }
 
+            async fn throttle_reserve(&self, key: &str, limit: i64, window: i64, now: Timestamp) -> StoreResult<Option<i64>> {
+                sqlx::query(
+                    "INSERT INTO throttle_counters (key, window_start, failures, locked_until, lock_count) \
+                     VALUES ($1, $2, 0, NULL, 0) ON CONFLICT (key) DO NOTHING",
+                )
+                .bind(key)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                sqlx::query(
+                    "UPDATE throttle_counters SET failures = 0, window_start = $2 WHERE key = $1 \
+                     AND window_start + $3 <= $2 AND (locked_until IS NULL OR locked_until <= $2)",
+                )
+                .bind(key)
+                .bind(now)
+                .bind(window)
+                .execute(&self.pool)
+                .await?;
+                let row: Option<(i64,)> = sqlx::query_as(
+                    "UPDATE throttle_counters SET failures = failures + 1 WHERE key = $1 \
+                     AND failures < $2 AND (locked_until IS NULL OR locked_until <= $3) RETURNING failures",
+                )
+                .bind(key)
+                .bind(limit)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(|(f,)| f))
+            }
+
+            async fn throttle_release(&self, key: &str) -> StoreResult<()> {
+                sqlx::query("UPDATE throttle_counters SET failures = failures - 1 WHERE key = $1 AND failures > 0")
+                    .bind(key)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn throttle_lock(&self, key: &str, until: Timestamp, now: Timestamp) -> StoreResult<()> {
+                sqlx::query(
+                    "UPDATE throttle_counters SET locked_until = $2, lock_count = lock_count + 1, \
+                     failures = 0, window_start = $3 \
+                     WHERE key = $1 AND (locked_until IS NULL OR locked_until <= $3)",
+                )
+                .bind(key)
+                .bind(until)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn throttle_get(&self, key: &str) -> StoreResult<Option<ThrottleCounter>> {
+                Ok(sqlx::query_as("SELECT * FROM throttle_counters WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn throttle_reset(&self, key: &str) -> StoreResult<()> {
+                sqlx::query("UPDATE throttle_counters SET failures = 0, lock_count = 0 WHERE key = $1")
+                    .bind(key)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn throttle_clear(&self, key: &str) -> StoreResult<u64> {
+                let done = sqlx::query("DELETE FROM throttle_counters WHERE key = $1")
+                    .bind(key)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn throttle_clear_prefix(&self, prefix: &str) -> StoreResult<u64> {
+                let done = sqlx::query("DELETE FROM throttle_counters WHERE substr(key, 1, length($1)) = $1")
+                    .bind(prefix)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
             async fn record_assertion(&self, id: &str, expires_at: Timestamp) -> StoreResult<bool> {
                 let done = sqlx::query(
                     "INSERT INTO used_assertions (id, expires_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",

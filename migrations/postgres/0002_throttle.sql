@@ -1,0 +1,9 @@
+-- Failure counters for login throttling; changed only by single conditional statements so that
+-- parallel requests and replicas can never exceed a limit.
+CREATE TABLE throttle_counters (
+    key TEXT PRIMARY KEY,
+    window_start BIGINT NOT NULL,
+    failures BIGINT NOT NULL DEFAULT 0,
+    locked_until BIGINT,
+    lock_count BIGINT NOT NULL DEFAULT 0
+);
