@@ -55,6 +55,8 @@ pub struct Inner {
     pub http: reqwest::Client,
     pub demo: Option<crate::demo::DemoClient>,
     pub shutting_down: AtomicBool,
+    /// Wakes this replica's outbox worker when a job is queued.
+    pub outbox_wakeup: tokio::sync::Notify,
 }
 
 #[derive(Clone)]
@@ -409,6 +411,7 @@ pub async fn build_state(config: Config, runtime: Runtime) -> anyhow::Result<App
             hasher.clone(),
         )?),
         "demo" => Arc::new(demo_directory(hasher.clone()).await),
+        "ldap" => Arc::new(crate::directory::ldap::LdapDirectory::new(&config.directory)?),
         other => bail!("directory kind {other:?} is not available in this build"),
     };
     let demo = if config.development_pages() {
@@ -446,6 +449,7 @@ pub async fn build_state(config: Config, runtime: Runtime) -> anyhow::Result<App
         http,
         demo,
         shutting_down: AtomicBool::new(false),
+        outbox_wakeup: tokio::sync::Notify::new(),
     })))
 }
 
@@ -498,6 +502,8 @@ pub async fn spawn(config: Config, runtime: Runtime, listener: tokio::net::TcpLi
     let state = build_state(config, runtime).await?;
     let addr = listener.local_addr()?;
     spawn_key_refresh(state.clone());
+    let transport = crate::mail::transport::Transport::from_config(&state.config.mail)?;
+    crate::mail::worker::spawn(state.clone(), transport);
     let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {

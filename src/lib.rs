@@ -10,6 +10,7 @@ pub mod demo;
 pub mod directory;
 pub mod error;
 pub mod keys;
+pub mod mail;
 pub mod oidc;
 pub mod store;
 pub mod ui;

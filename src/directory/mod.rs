@@ -1,5 +1,6 @@
 //! The university directory that checks user IDs and university passwords.
 pub mod file;
+pub mod ldap;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};

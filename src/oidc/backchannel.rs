@@ -27,35 +27,65 @@ pub fn logout_token(state: &AppState, client: &clients::Client, account: &Accoun
         .sign(&client.id_token_signed_response_alg, "logout+jwt", claims)
 }
 
-/// Delivers logout tokens to every client of the session that registered a back-channel URI,
-/// each with a 2-second timeout. Returns the clients whose delivery failed.
-pub async fn notify(state: &AppState, session: &BrowserSession, client_ids: &[String]) -> Vec<String> {
-    let Ok(Some(account)) = state.store.get_account(&session.account_id).await else {
-        return vec![];
-    };
-    let mut failed = Vec::new();
-    for client_id in client_ids {
-        let Ok(Some(client)) = clients::find(state, client_id).await else { continue };
-        let Some(uri) = client.backchannel_logout_uri.clone() else { continue };
-        let delivered = match logout_token(state, &client, &account, &session.sid) {
-            Ok(token) => state
-                .http
-                .post(&uri)
-                .timeout(std::time::Duration::from_secs(2))
-                .form(&[("logout_token", token)])
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success()),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot sign a logout token");
-                false
-            }
-        };
-        if !delivered {
-            tracing::warn!(client_id = %client_id, "back-channel logout delivery failed");
-            failed.push(client_id.clone());
-        }
+/// One delivery attempt with a freshly signed token: POSTed to the URI exactly as registered.
+pub async fn deliver(state: &AppState, client: &clients::Client, account: &Account, sid: &str) -> Result<String, String> {
+    let uri = client
+        .backchannel_logout_uri
+        .clone()
+        .ok_or_else(|| "no backchannel_logout_uri".to_string())?;
+    let token = logout_token(state, client, account, sid).map_err(|e| format!("cannot sign: {e}"))?;
+    let response = state
+        .http
+        .post(&uri)
+        .timeout(std::time::Duration::from_secs(2))
+        .form(&[("logout_token", token)])
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
+    let status = response.status();
+    if status.is_success() {
+        Ok(status.to_string())
+    } else {
+        Err(format!("answered {status}"))
     }
-    failed
 }
 
+/// Notifies every client of the session that registered a back-channel URI, at once with a
+/// 2-second timeout each; failures go to the outbox and are retried in the background.
+pub async fn notify(state: &AppState, session: &BrowserSession, client_ids: &[String]) {
+    let Ok(Some(account)) = state.store.get_account(&session.account_id).await else {
+        return;
+    };
+    for client_id in client_ids {
+        let Ok(Some(client)) = clients::find(state, client_id).await else { continue };
+        if client.backchannel_logout_uri.is_none() {
+            continue;
+        }
+        if let Err(error) = deliver(state, &client, &account, &session.sid).await {
+            tracing::warn!(client_id = %client_id, error = %error, "back-channel logout failed; queued for retry");
+            let now = state.clock.now();
+            let job = crate::store::OutboxJob {
+                id: crate::clock::random_id(),
+                kind: "backchannel_logout".into(),
+                recipient: client_id.clone(),
+                subject: String::new(),
+                payload: serde_json::json!({
+                    "client_id": client_id, "account_id": account.id, "sid": session.sid,
+                })
+                .to_string(),
+                message_id: String::new(),
+                attempts: 1,
+                next_attempt_at: now + 1,
+                last_error: Some(error),
+                created_at: now,
+                sent_at: None,
+                failed_at: None,
+                lease_owner: None,
+                lease_until: None,
+            };
+            if let Err(e) = state.store.enqueue(&job).await {
+                tracing::error!(error = %e, "cannot queue a back-channel logout retry");
+            }
+        }
+    }
+}

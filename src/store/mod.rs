@@ -174,6 +174,40 @@ pub struct ThrottleCounter {
     pub lock_count: i64,
 }
 
+#[derive(Debug, Clone, FromRow)]
+pub struct OutboxJob {
+    pub id: String,
+    /// "mail" or "backchannel_logout".
+    pub kind: String,
+    /// An email address, or a client_id for back-channel logout.
+    pub recipient: String,
+    pub subject: String,
+    pub payload: String,
+    pub message_id: String,
+    pub attempts: i64,
+    pub next_attempt_at: Timestamp,
+    pub last_error: Option<String>,
+    pub created_at: Timestamp,
+    pub sent_at: Option<Timestamp>,
+    pub failed_at: Option<Timestamp>,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct OneTimeLink {
+    pub digest: String,
+    /// "verify_email", "change_email" or "reset".
+    pub purpose: String,
+    pub account_id: String,
+    pub email: Option<String>,
+    pub locale: String,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub consumed_at: Option<Timestamp>,
+    pub superseded_at: Option<Timestamp>,
+}
+
 /// The outcome of redeeming a single-use value with one atomic statement.
 #[derive(Debug)]
 pub enum Redeemed<T> {
@@ -268,6 +302,26 @@ pub trait Store: Send + Sync + 'static {
     /// Removes counters entirely (operator unlock).
     async fn throttle_clear(&self, key: &str) -> StoreResult<u64>;
     async fn throttle_clear_prefix(&self, prefix: &str) -> StoreResult<u64>;
+
+    // The outbox: a durable job queue; a lease keeps replicas from working on one job at once.
+    async fn enqueue(&self, job: &OutboxJob) -> StoreResult<()>;
+    /// Leases the next due job to `owner` until `lease_until`.
+    async fn claim_job(&self, owner: &str, now: Timestamp, lease_until: Timestamp) -> StoreResult<Option<OutboxJob>>;
+    /// Delivered: records the reply and blanks the payload.
+    async fn job_sent(&self, id: &str, owner: &str, now: Timestamp, reply: &str) -> StoreResult<()>;
+    async fn job_retry(&self, id: &str, owner: &str, next_attempt_at: Timestamp, error: &str) -> StoreResult<()>;
+    async fn job_failed(&self, id: &str, owner: &str, now: Timestamp, error: &str) -> StoreResult<()>;
+    async fn list_jobs(&self, limit: i64) -> StoreResult<Vec<OutboxJob>>;
+    /// Puts failed (or waiting) jobs back in the queue now; `id` None = every failed job.
+    async fn retry_jobs(&self, id: Option<&str>, now: Timestamp) -> StoreResult<u64>;
+    async fn pending_jobs(&self) -> StoreResult<i64>;
+
+    // One-time links.
+    /// Stores a link and its mail in one transaction, superseding older links of the same purpose.
+    async fn insert_link_with_mail(&self, link: &OneTimeLink, mail: &OutboxJob) -> StoreResult<()>;
+    async fn find_link(&self, digest: &str) -> StoreResult<Option<OneTimeLink>>;
+    /// Consumes a live link with one statement; None when expired, used, superseded or unknown.
+    async fn consume_link(&self, digest: &str, now: Timestamp) -> StoreResult<Option<OneTimeLink>>;
 
     /// Records a `private_key_jwt` assertion id; false when it was seen before.
     async fn record_assertion(&self, id: &str, expires_at: Timestamp) -> StoreResult<bool>;

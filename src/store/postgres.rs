@@ -21,4 +21,4 @@ impl PostgresStore {
     }
 }
 
-sql_store!(PostgresStore, "postgres");
+sql_store!(PostgresStore, "postgres", sqlx::Postgres);

@@ -4,7 +4,26 @@
 
 /// Implements `Store` for a struct with a `pool` field of the given sqlx pool type.
 macro_rules! sql_store {
-    ($store:ty, $backend:literal) => {
+    ($store:ty, $backend:literal, $db:ty) => {
+        async fn insert_job<'e, E: sqlx::Executor<'e, Database = $db>>(executor: E, j: &OutboxJob) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO outbox (id, kind, recipient, subject, payload, message_id, attempts, \
+                 next_attempt_at, last_error, created_at, sent_at, failed_at, lease_owner, lease_until) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 0, $7, NULL, $8, NULL, NULL, NULL, NULL)",
+            )
+            .bind(&j.id)
+            .bind(&j.kind)
+            .bind(&j.recipient)
+            .bind(&j.subject)
+            .bind(&j.payload)
+            .bind(&j.message_id)
+            .bind(j.next_attempt_at)
+            .bind(j.created_at)
+            .execute(executor)
+            .await?;
+            Ok(())
+        }
+
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             fn backend(&self) -> &'static str {
@@ -540,6 +559,144 @@ macro_rules! sql_store {
                     .execute(&self.pool)
                     .await?;
                 Ok(done.rows_affected())
+            }
+
+            async fn enqueue(&self, j: &OutboxJob) -> StoreResult<()> {
+                insert_job(&self.pool, j).await
+            }
+
+            async fn claim_job(&self, owner: &str, now: Timestamp, lease_until: Timestamp) -> StoreResult<Option<OutboxJob>> {
+                // The outer condition is checked again on the row, so two replicas that pick the
+                // same job in the subquery cannot both lease it.
+                Ok(sqlx::query_as(
+                    "UPDATE outbox SET lease_owner = $1, lease_until = $3, attempts = attempts + 1 \
+                     WHERE id = (SELECT id FROM outbox WHERE sent_at IS NULL AND failed_at IS NULL \
+                     AND next_attempt_at <= $2 AND (lease_until IS NULL OR lease_until < $2) \
+                     ORDER BY next_attempt_at LIMIT 1) \
+                     AND sent_at IS NULL AND (lease_until IS NULL OR lease_until < $2) RETURNING *",
+                )
+                .bind(owner)
+                .bind(now)
+                .bind(lease_until)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn job_sent(&self, id: &str, owner: &str, now: Timestamp, reply: &str) -> StoreResult<()> {
+                sqlx::query(
+                    "UPDATE outbox SET sent_at = $3, payload = '', last_error = $4, lease_owner = NULL, \
+                     lease_until = NULL WHERE id = $1 AND lease_owner = $2",
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(now)
+                .bind(reply)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn job_retry(&self, id: &str, owner: &str, next_attempt_at: Timestamp, error: &str) -> StoreResult<()> {
+                sqlx::query(
+                    "UPDATE outbox SET next_attempt_at = $3, last_error = $4, lease_owner = NULL, \
+                     lease_until = NULL WHERE id = $1 AND lease_owner = $2",
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(next_attempt_at)
+                .bind(error)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn job_failed(&self, id: &str, owner: &str, now: Timestamp, error: &str) -> StoreResult<()> {
+                sqlx::query(
+                    "UPDATE outbox SET failed_at = $3, last_error = $4, lease_owner = NULL, \
+                     lease_until = NULL WHERE id = $1 AND lease_owner = $2",
+                )
+                .bind(id)
+                .bind(owner)
+                .bind(now)
+                .bind(error)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn list_jobs(&self, limit: i64) -> StoreResult<Vec<OutboxJob>> {
+                Ok(sqlx::query_as("SELECT * FROM outbox ORDER BY created_at DESC, id LIMIT $1")
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn retry_jobs(&self, id: Option<&str>, now: Timestamp) -> StoreResult<u64> {
+                let done = sqlx::query(
+                    "UPDATE outbox SET failed_at = NULL, next_attempt_at = $1 WHERE sent_at IS NULL \
+                     AND ($2 = '' AND failed_at IS NOT NULL OR id = $2)",
+                )
+                .bind(now)
+                .bind(id.unwrap_or(""))
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn pending_jobs(&self) -> StoreResult<i64> {
+                let (n,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL AND failed_at IS NULL",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(n)
+            }
+
+            async fn insert_link_with_mail(&self, link: &OneTimeLink, mail: &OutboxJob) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query(
+                    "UPDATE one_time_links SET superseded_at = $3 WHERE account_id = $1 AND purpose = $2 \
+                     AND consumed_at IS NULL AND superseded_at IS NULL",
+                )
+                .bind(&link.account_id)
+                .bind(&link.purpose)
+                .bind(link.created_at)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO one_time_links (digest, purpose, account_id, email, locale, created_at, \
+                     expires_at, consumed_at, superseded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, NULL)",
+                )
+                .bind(&link.digest)
+                .bind(&link.purpose)
+                .bind(&link.account_id)
+                .bind(&link.email)
+                .bind(&link.locale)
+                .bind(link.created_at)
+                .bind(link.expires_at)
+                .execute(&mut *tx)
+                .await?;
+                insert_job(&mut *tx, mail).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn find_link(&self, digest: &str) -> StoreResult<Option<OneTimeLink>> {
+                Ok(sqlx::query_as("SELECT * FROM one_time_links WHERE digest = $1")
+                    .bind(digest)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn consume_link(&self, digest: &str, now: Timestamp) -> StoreResult<Option<OneTimeLink>> {
+                Ok(sqlx::query_as(
+                    "UPDATE one_time_links SET consumed_at = $2 WHERE digest = $1 AND consumed_at IS NULL \
+                     AND superseded_at IS NULL AND expires_at > $2 RETURNING *",
+                )
+                .bind(digest)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?)
             }
 
             async fn record_assertion(&self, id: &str, expires_at: Timestamp) -> StoreResult<bool> {

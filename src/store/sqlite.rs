@@ -34,4 +34,4 @@ impl SqliteStore {
     }
 }
 
-sql_store!(SqliteStore, "sqlite");
+sql_store!(SqliteStore, "sqlite", sqlx::Sqlite);
