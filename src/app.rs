@@ -21,7 +21,6 @@ use crate::auth::csrf::Browser;
 use crate::auth::passwords::PasswordHasher;
 use crate::clock::{Clock, Timestamp};
 use crate::config::{ClientSettings, Config};
-use crate::directory::file::{demo_directory, FileDirectory};
 use crate::directory::UserDirectory;
 use crate::error::PageError;
 use crate::keys::{KeySet, Kek, SharedKeys};
@@ -151,6 +150,16 @@ impl AppState {
             .unwrap_or_default()
     }
 
+    /// Date and time as the students read it, for mails (Japan time).
+    pub fn local_datetime(&self, t: Timestamp) -> String {
+        let offset = time::UtcOffset::from_hms(9, 0, 0).expect("valid offset");
+        time::OffsetDateTime::from_unix_timestamp(t)
+            .map(|d| d.to_offset(offset))
+            .ok()
+            .and_then(|d| d.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute] JST")).ok())
+            .unwrap_or_default()
+    }
+
     pub fn replica_ready(&self) -> bool {
         !self.shutting_down.load(Ordering::Relaxed)
     }
@@ -199,11 +208,25 @@ pub fn router(state: AppState) -> Router {
             get(crate::auth::login::step_up_page).post(crate::auth::login::step_up_submit),
         )
         .route("/account", get(crate::auth::login::account_page))
+        .route("/account/email", get(crate::enroll::account::email_page).post(crate::enroll::account::email_submit))
+        .route(
+            "/account/second-password",
+            get(crate::enroll::account::second_password_page).post(crate::enroll::account::second_password_submit),
+        )
+        .route("/enroll/email", get(crate::enroll::email::page).post(crate::enroll::email::submit))
+        .route(
+            "/enroll/second-password",
+            get(crate::enroll::second_password::page).post(crate::enroll::second_password::submit),
+        )
+        .route("/forgot", get(crate::enroll::account::forgot_page).post(crate::enroll::account::forgot_submit))
+        .route("/link/{token}", get(crate::enroll::links::link_page).post(crate::enroll::links::link_submit))
+        .route("/manual", get(crate::enroll::account::manual))
         .route("/static/nidan.css", get(stylesheet))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     if state.demo.is_some() {
         app = app
+            .route("/dev/mail", get(crate::enroll::account::dev_mail))
             .route("/demo", get(crate::demo::demo_page))
             .route("/demo/start", get(crate::demo::demo_start))
             .route("/demo/callback", get(crate::demo::demo_callback));
@@ -405,15 +428,7 @@ pub async fn build_state(config: Config, runtime: Runtime) -> anyhow::Result<App
     crate::keys::ensure_keys(&store, &kek, now).await?;
     let keys: SharedKeys = Arc::new(std::sync::RwLock::new(Arc::new(KeySet::load(&store, &kek, now).await?)));
     let hasher = PasswordHasher::new(runtime.argon2);
-    let directory: Arc<dyn UserDirectory> = match config.directory.kind.as_str() {
-        "file" => Arc::new(FileDirectory::load(
-            config.directory.path.as_deref().context("directory.path is required")?,
-            hasher.clone(),
-        )?),
-        "demo" => Arc::new(demo_directory(hasher.clone()).await),
-        "ldap" => Arc::new(crate::directory::ldap::LdapDirectory::new(&config.directory)?),
-        other => bail!("directory kind {other:?} is not available in this build"),
-    };
+    let directory = crate::directory::build(&config.directory, hasher.clone()).await?;
     let demo = if config.development_pages() {
         Some(crate::demo::register(&store, &config, &secrets, now).await?)
     } else {

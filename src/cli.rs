@@ -47,6 +47,14 @@ pub enum UserCommand {
     Show { username: String },
     /// Lift every login lock and delay of a student.
     Unlock { username: String },
+    /// Import students (JSON Lines: username, email, second_password or second_password_hash);
+    /// FILE is a path or - for standard input.
+    Import {
+        file: String,
+        /// Check every line and report, without importing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -352,6 +360,30 @@ async fn user_command(config: Config, command: UserCommand) -> anyhow::Result<()
                         );
                     }
                 }
+            }
+            Ok(())
+        }
+        UserCommand::Import { file, dry_run } => {
+            let input = if file == "-" {
+                let mut text = String::new();
+                std::io::stdin().read_to_string(&mut text)?;
+                text
+            } else {
+                std::fs::read_to_string(&file).with_context(|| format!("cannot read {file}"))?
+            };
+            let hasher = crate::auth::passwords::PasswordHasher::new(crate::auth::passwords::production_params());
+            let directory = crate::directory::build(&config.directory, hasher.clone()).await?;
+            let report = crate::enroll::import::import(&store, &directory, &hasher, &input, dry_run, now).await?;
+            for error in &report.errors {
+                eprintln!("{error}");
+            }
+            if !report.errors.is_empty() {
+                bail!("{} bad lines; nothing was imported", report.errors.len());
+            }
+            if dry_run {
+                println!("dry run: every line is valid; nothing was imported");
+            } else {
+                println!("{} students imported, {} already up to date", report.imported, report.unchanged);
             }
             Ok(())
         }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod crypto;
 pub mod demo;
 pub mod directory;
+pub mod enroll;
 pub mod error;
 pub mod keys;
 pub mod mail;

@@ -30,7 +30,117 @@ const TEMPLATES: &[(&str, &str)] = &[
         "registration_needed.html",
         include_str!("../templates/registration_needed.html"),
     ),
+    // Partials (names start with "_"), included by the pages below.
+    (
+        "_form_errors.html",
+        include_str!("../templates/_form_errors.html"),
+    ),
+    (
+        "_email_notes.html",
+        include_str!("../templates/_email_notes.html"),
+    ),
+    (
+        "_second_password_rules.html",
+        include_str!("../templates/_second_password_rules.html"),
+    ),
+    // Enrollment, changes, recovery, manual, development mailbox.
+    (
+        "enroll_email.html",
+        include_str!("../templates/enroll_email.html"),
+    ),
+    (
+        "email_sent.html",
+        include_str!("../templates/email_sent.html"),
+    ),
+    (
+        "link_confirm.html",
+        include_str!("../templates/link_confirm.html"),
+    ),
+    (
+        "link_invalid.html",
+        include_str!("../templates/link_invalid.html"),
+    ),
+    (
+        "email_registered.html",
+        include_str!("../templates/email_registered.html"),
+    ),
+    (
+        "enroll_second_password.html",
+        include_str!("../templates/enroll_second_password.html"),
+    ),
+    (
+        "second_password_set.html",
+        include_str!("../templates/second_password_set.html"),
+    ),
+    (
+        "account_email.html",
+        include_str!("../templates/account_email.html"),
+    ),
+    (
+        "email_changed.html",
+        include_str!("../templates/email_changed.html"),
+    ),
+    (
+        "account_second_password.html",
+        include_str!("../templates/account_second_password.html"),
+    ),
+    (
+        "second_password_changed.html",
+        include_str!("../templates/second_password_changed.html"),
+    ),
+    ("forgot.html", include_str!("../templates/forgot.html")),
+    ("reset.html", include_str!("../templates/reset.html")),
+    (
+        "reset_done.html",
+        include_str!("../templates/reset_done.html"),
+    ),
+    ("manual.html", include_str!("../templates/manual.html")),
+    ("dev_mail.html", include_str!("../templates/dev_mail.html")),
+    // Mails: plain text, rendered without escaping (see Ui::render_mail).
+    (
+        "mail/verify_email.txt",
+        include_str!("../templates/mail/verify_email.txt"),
+    ),
+    (
+        "mail/change_email.txt",
+        include_str!("../templates/mail/change_email.txt"),
+    ),
+    (
+        "mail/email_changed_notice.txt",
+        include_str!("../templates/mail/email_changed_notice.txt"),
+    ),
+    (
+        "mail/reset.txt",
+        include_str!("../templates/mail/reset.txt"),
+    ),
+    (
+        "mail/second_password_changed_notice.txt",
+        include_str!("../templates/mail/second_password_changed_notice.txt"),
+    ),
 ];
+
+/// Every mail: its template and the catalog key of its subject line (see [`Ui::render_mail`]).
+/// Each template's context is documented at its top; all get the base context of [`Ui::render`].
+pub const MAILS: &[(&str, &str)] = &[
+    ("mail/verify_email.txt", "mail_subject_verify_email"),
+    ("mail/change_email.txt", "mail_subject_change_email"),
+    (
+        "mail/email_changed_notice.txt",
+        "mail_subject_email_changed",
+    ),
+    ("mail/reset.txt", "mail_subject_reset"),
+    (
+        "mail/second_password_changed_notice.txt",
+        "mail_subject_second_password_changed",
+    ),
+];
+
+/// A rendered plain-text mail (UTF-8): the subject line and the body, which ends with a newline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderedMail {
+    pub subject: String,
+    pub body: String,
+}
 
 const CATALOG_JA: &str = include_str!("../templates/locales/ja.toml");
 const CATALOG_EN: &str = include_str!("../templates/locales/en.toml");
@@ -191,6 +301,7 @@ impl Ui {
         env.set_lstrip_blocks(true);
         env.set_formatter(html_formatter);
         env.add_filter("fill", fill);
+        env.add_filter("linkify", linkify);
         for (name, source) in TEMPLATES {
             env.add_template(name, source)
                 .with_context(|| format!("template templates/{name}"))?;
@@ -240,6 +351,30 @@ impl Ui {
             brand => if locale == Locale::En { self.brand_en.clone() } else { self.brand.clone() },
         };
         template.render(merge_maps([base, ctx]))
+    }
+
+    /// Renders a mail of [`MAILS`] (e.g. "mail/verify_email.txt") with `ctx` merged over the base
+    /// context of [`Ui::render`]; the subject is the mail's catalog message. Plain text, no escaping.
+    pub fn render_mail(
+        &self,
+        template: &str,
+        locale: Locale,
+        ctx: Value,
+    ) -> Result<RenderedMail, Error> {
+        let Some((_, subject_key)) = MAILS.iter().find(|(name, _)| *name == template) else {
+            return Err(Error::new(
+                minijinja::ErrorKind::TemplateNotFound,
+                format!("{template} is not a mail template"),
+            ));
+        };
+        let mut body = self.render(template, locale, ctx)?;
+        if !body.ends_with('\n') {
+            body.push('\n');
+        }
+        Ok(RenderedMail {
+            subject: self.message(locale, subject_key),
+            body,
+        })
     }
 
     /// A catalog message for Rust-side use; falls back to the key itself if missing.
@@ -324,6 +459,59 @@ fn fill(message: String, args: Kwargs) -> Result<String, Error> {
         message = message.replace(&format!("{{{name}}}"), &text);
     }
     Ok(message)
+}
+
+/// `& < > " '` escaped for HTML text and attribute values.
+fn escape_html_into(out: &mut String, text: &str) {
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#x27;"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Template filter for plain text shown in HTML (the development mailbox): escapes everything and
+/// turns `http://` and `https://` URLs into links. Only those two schemes ever become a link; a URL
+/// ends at whitespace, a quote, `<`, `>` or a non-ASCII character, and trailing punctuation
+/// (`.,;:!?)`) stays outside it.
+fn linkify(text: String) -> Value {
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut rest = text.as_str();
+    loop {
+        let next = ["https://", "http://"]
+            .iter()
+            .filter_map(|scheme| rest.find(scheme).map(|at| (at, scheme.len())))
+            .min();
+        let Some((at, scheme_len)) = next else {
+            escape_html_into(&mut out, rest);
+            break;
+        };
+        escape_html_into(&mut out, &rest[..at]);
+        let candidate = &rest[at..];
+        let end = candidate
+            .find(|c: char| {
+                c.is_whitespace() || !c.is_ascii() || matches!(c, '<' | '>' | '"' | '\'' | '`')
+            })
+            .unwrap_or(candidate.len());
+        let url = candidate[..end].trim_end_matches(['.', ',', ';', ':', '!', '?', ')']);
+        if url.len() <= scheme_len {
+            escape_html_into(&mut out, &candidate[..scheme_len]);
+            rest = &candidate[scheme_len..];
+            continue;
+        }
+        out.push_str("<a href=\"");
+        escape_html_into(&mut out, url);
+        out.push_str("\">");
+        escape_html_into(&mut out, url);
+        out.push_str("</a>");
+        rest = &candidate[url.len()..];
+    }
+    Value::from_safe_string(out)
 }
 
 /// The accent goes into a stylesheet, so only colour syntax may pass: no `;`, braces or quotes.
@@ -493,15 +681,146 @@ mod tests {
                 ),
             ],
             "registration_needed.html" => vec![with(context! {}, false)],
+            "enroll_email.html" => vec![
+                with(
+                    context! { tx => "abc", email => none.clone(), errors => Vec::<String>::new(), mail_from => "noreply@example.ac.jp" },
+                    false,
+                ),
+                with(
+                    context! {
+                        tx => none.clone(), email => "taro@example.ac.jp",
+                        errors => vec!["email_invalid", "email_mismatch"], mail_from => "noreply@example.ac.jp",
+                    },
+                    false,
+                ),
+                with(
+                    context! { tx => "abc", email => none.clone(), errors => none.clone(), mail_from => "noreply@example.ac.jp" },
+                    false,
+                ),
+            ],
+            "email_sent.html" => ["verify_email", "change_email", "reset"]
+                .into_iter()
+                .map(|purpose| {
+                    with(
+                        context! { purpose => purpose, minutes => 30, mail_from => "noreply@example.ac.jp" },
+                        purpose == "change_email",
+                    )
+                })
+                .collect(),
+            "link_confirm.html" => vec![
+                with(
+                    context! { purpose => "verify_email", email => "taro@example.ac.jp", action => "/link/tok123" },
+                    false,
+                ),
+                with(
+                    context! { purpose => "change_email", email => "new@example.ac.jp", action => "/link/tok123" },
+                    true,
+                ),
+                with(
+                    context! { purpose => "verify_email", email => none.clone(), action => "/link/tok123" },
+                    false,
+                ),
+            ],
+            "link_invalid.html" => ["expired", "used", "invalid"]
+                .into_iter()
+                .map(|reason| with(context! { reason => reason }, false))
+                .collect(),
+            "email_registered.html" => vec![with(context! { login_url => "/login" }, false)],
+            "enroll_second_password.html" => vec![
+                with(context! { tx => "abc", errors => Vec::<String>::new() }, false),
+                with(
+                    context! {
+                        tx => none.clone(),
+                        errors => vec!["rule_too_short", "rule_no_uppercase", "rule_no_digit", "rule_confirmation_mismatch"],
+                    },
+                    false,
+                ),
+                with(
+                    context! { tx => "abc", errors => vec!["full_login_required"] },
+                    false,
+                ),
+            ],
+            "second_password_set.html" => vec![with(context! { next_url => "/login?tx=abc" }, false)],
+            "account_email.html" => vec![
+                with(
+                    context! { email => none.clone(), errors => Vec::<String>::new(), mail_from => "noreply@example.ac.jp" },
+                    true,
+                ),
+                with(
+                    context! {
+                        email => "new@example.ac.jp", errors => vec!["email_domain_not_allowed", "rule_current_wrong"],
+                        mail_from => "noreply@example.ac.jp",
+                    },
+                    true,
+                ),
+            ],
+            "email_changed.html" => vec![with(context! { next_url => "/account" }, true)],
+            "account_second_password.html" => vec![
+                with(context! { errors => Vec::<String>::new() }, true),
+                with(
+                    context! { errors => vec!["rule_current_wrong", "rule_half_width", "rule_too_long", "rule_same_as_university_password"] },
+                    true,
+                ),
+                with(
+                    context! { errors => vec!["locked"], until => "12:30" },
+                    true,
+                ),
+            ],
+            "second_password_changed.html" => vec![with(context! { next_url => "/account" }, true)],
+            "forgot.html" => vec![
+                with(context! { errors => Vec::<String>::new(), email => none.clone() }, false),
+                with(
+                    context! { errors => vec!["email_required"], email => "x@example.ac.jp", mail_from => "noreply@example.ac.jp" },
+                    false,
+                ),
+            ],
+            "reset.html" => vec![
+                with(
+                    context! { action => "/link/tok456", errors => Vec::<String>::new() },
+                    false,
+                ),
+                with(
+                    context! {
+                        action => "/link/tok456", username => "s2401001",
+                        errors => vec!["reset_wrong_account_or_password", "rule_no_lowercase"],
+                    },
+                    false,
+                ),
+                with(
+                    context! { action => "/link/tok456", username => none.clone(), errors => vec!["reset_refused_recent_email_change"] },
+                    false,
+                ),
+            ],
+            "reset_done.html" => vec![with(context! {}, false)],
+            "manual.html" => vec![with(context! {}, true), with(context! {}, false)],
+            "dev_mail.html" => vec![
+                with(context! { mails => Vec::<Value>::new() }, false),
+                with(
+                    context! {
+                        mails => vec![
+                            context! {
+                                id => "m2", to => "taro@example.ac.jp", subject => "Second password reset",
+                                created => "2025-04-01 12:35:00",
+                                body => "Please open:\n\nhttp://localhost:8080/link/abc?x=1&y=<2>\n\nvalid for 30 minutes.",
+                            },
+                            context! {
+                                id => "m1", to => "taro@example.ac.jp", subject => "Email address registration",
+                                created => "2025-04-01 12:34:00", body => "No links here.",
+                            },
+                        ],
+                    },
+                    false,
+                ),
+            ],
             other => panic!("no test context for {other}"),
         }
     }
 
+    /// Every full page: not the layout, the partials ("_*.html") or the mails ("mail/*.txt").
     fn pages() -> impl Iterator<Item = &'static str> {
-        TEMPLATES
-            .iter()
-            .map(|(name, _)| *name)
-            .filter(|name| *name != "base.html")
+        TEMPLATES.iter().map(|(name, _)| *name).filter(|name| {
+            *name != "base.html" && !name.starts_with('_') && name.ends_with(".html")
+        })
     }
 
     fn renders() -> Vec<(String, Locale, String)> {
@@ -545,7 +864,11 @@ mod tests {
     #[test]
     fn every_template_renders_in_both_languages() {
         let rendered = renders();
-        assert!(rendered.len() >= 2 * (TEMPLATES.len() - 1));
+        assert!(rendered.len() >= 2 * pages().count());
+        assert!(
+            pages().count() >= 25,
+            "the enrollment and recovery pages are registered"
+        );
         for (name, locale, html) in &rendered {
             assert!(html.starts_with("<!DOCTYPE html>"), "{name}");
             assert!(
@@ -567,7 +890,20 @@ mod tests {
                 !html.contains("{until}") && !html.contains("{name}"),
                 "{name}: unfilled placeholder"
             );
+            assert_eq!(unfilled_placeholder(html), None, "{name}");
         }
+    }
+
+    /// The first `{word}` left in a rendered text, if any.
+    fn unfilled_placeholder(text: &str) -> Option<String> {
+        text.match_indices('{').find_map(|(i, _)| {
+            let word: String = text[i + 1..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            (!word.is_empty() && text[i + 1 + word.len()..].starts_with('}'))
+                .then(|| format!("{{{word}}}"))
+        })
     }
 
     #[test]
@@ -628,11 +964,27 @@ mod tests {
                         attr(tag, "value").is_none(),
                         "{name}: password field with a value: {tag}"
                     );
-                    assert_eq!(
-                        attr(tag, "autocomplete"),
-                        Some("current-password"),
-                        "{name}"
+                    let expected = if id.starts_with("new_") {
+                        "new-password"
+                    } else {
+                        "current-password"
+                    };
+                    assert_eq!(attr(tag, "autocomplete"), Some(expected), "{name}: {tag}");
+                    assert_eq!(attr(tag, "name"), Some(id), "{name}: {tag}");
+                }
+                if kind == "email" {
+                    assert_eq!(attr(tag, "autocomplete"), Some("email"), "{name}: {tag}");
+                    assert!(
+                        matches!(attr(tag, "name"), Some("email" | "email_confirm")),
+                        "{name}: {tag}"
                     );
+                    if attr(tag, "name") == Some("email_confirm") {
+                        assert_eq!(
+                            attr(tag, "value"),
+                            Some(""),
+                            "{name}: confirmation prefilled"
+                        );
+                    }
                 }
             }
         }
@@ -850,6 +1202,33 @@ mod tests {
                 assert!(ui.has_message("registration_needed_message"));
             }
         }
+        // Errors of the enrollment, change and recovery forms (`errors`, one line each).
+        for key in [
+            "email_required",
+            "email_confirm_required",
+            "email_invalid",
+            "email_mismatch",
+            "email_domain_not_allowed",
+            "email_same_as_current",
+            "current_second_password_required",
+            "rule_too_short",
+            "rule_too_long",
+            "rule_no_uppercase",
+            "rule_no_lowercase",
+            "rule_no_digit",
+            "rule_half_width",
+            "rule_confirmation_mismatch",
+            "rule_same_as_university_password",
+            "rule_current_wrong",
+            "full_login_required",
+            "reset_wrong_account_or_password",
+            "reset_refused_recent_email_change",
+        ] {
+            assert!(ui.has_message(key), "{key}");
+        }
+        for (_, subject) in MAILS {
+            assert!(ui.has_message(subject), "{subject}");
+        }
         assert_eq!(ui.message(Locale::Ja, "login_title"), "在学生ログイン");
         assert_eq!(ui.message(Locale::En, "login_title"), "Student Login");
     }
@@ -896,6 +1275,605 @@ mod tests {
         assert!(contrast_with_white("#ffff00").unwrap() < 4.5);
         assert!((contrast_with_white("#000").unwrap() - 21.0).abs() < 0.01);
         assert_eq!(contrast_with_white("navy"), None);
+    }
+
+    fn page(name: &str, locale: Locale, menu: bool, ctx: Value) -> String {
+        ui().render(name, locale, merge_maps([common(menu), ctx]))
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"))
+    }
+
+    /// The text of the `role="alert"` box (from its opening tag to its `</div>`).
+    fn alert_box(html: &str) -> &str {
+        let start = html.find("role=\"alert\"").expect("an alert box");
+        &html[start..start + html[start..].find("</div>").unwrap()]
+    }
+
+    #[test]
+    fn enrollment_pages_match_the_seed() {
+        let none = Value::from(());
+        let html = page(
+            "enroll_email.html",
+            Locale::Ja,
+            false,
+            context! { tx => "abc", email => none.clone(), errors => Vec::<String>::new(), mail_from => "noreply@example.ac.jp" },
+        );
+        for text in [
+            "<title>メールアドレス設定 | The University</title>",
+            "<label for=\"email\">メールアドレス</label>",
+            "<label for=\"email_confirm\">確認</label>",
+            "！注意事項は必ずお読みください",
+            "「確認」ボタンを押すと、指定のメールアドレスに確認メールが送信されます。",
+            "確認メールに記載されたURLにアクセスし、メールアドレスの設定を完了して下さい。",
+            "確認メールの送信までには、少々時間がかかる場合があります。",
+            "フリーメールアドレスの場合、確認メールを受信出来ない可能性があります。",
+            "※迷惑メールフィルタ等で、確認メールを受信出来ない場合があります。事前に、許可リストへ以下のアドレスを追加するようにして下さい。",
+            "アドレス: <span class=\"address\">noreply@example.ac.jp</span>",
+            "30分経っても確認メールが届かない場合は、以下をご確認ください。",
+            "メールアドレスの入力が正しいか。",
+            "余分なスペース等を誤って入力していないか。",
+            "迷惑メールフィルタ許可リストへ追加したメールアドレスが正しいか。",
+            "<form class=\"form\" method=\"post\" action=\"/enroll/email\" novalidate>",
+            "<input type=\"hidden\" name=\"tx\" value=\"abc\">",
+            "<input type=\"hidden\" name=\"lang\" value=\"ja\">",
+            ">確認</button>",
+        ] {
+            assert!(html.contains(text), "enroll_email: missing {text}");
+        }
+        assert!(!html.contains("role=\"alert\""));
+        assert!(html.contains(r#"name="email" type="email" value="" autocomplete="email""#));
+
+        let html = page(
+            "email_sent.html",
+            Locale::Ja,
+            false,
+            context! { purpose => "verify_email", minutes => 30, mail_from => "noreply@example.ac.jp" },
+        );
+        assert!(html.contains("<div class=\"status\" role=\"status\">\n  <p>確認メールを送信しました。確認メールに記載されたURLにアクセスし、メールアドレスの設定を完了してください。</p>"));
+        assert!(html.contains("URLの有効期限は30分です。"));
+        assert!(html.contains("noreply@example.ac.jp"));
+
+        let html = page(
+            "email_registered.html",
+            Locale::Ja,
+            false,
+            context! { login_url => "/login" },
+        );
+        assert!(html.contains("メールアドレス設定完了"));
+        assert!(html.contains("メールアドレスを設定しました。今後、システムからの連絡はこのメールアドレス宛に送信されます。メールアドレスはログイン後のメニューから変更可能です。"));
+        assert!(html.contains(
+            r#"<a class="button button-primary" href="/login">ログインページへ移動</a>"#
+        ));
+        assert!(html.contains("role=\"status\""));
+
+        let html = page(
+            "enroll_second_password.html",
+            Locale::Ja,
+            false,
+            context! { tx => "abc", errors => Vec::<String>::new() },
+        );
+        for text in [
+            "<title>第2パスワード設定 | The University</title>",
+            "<label for=\"new_second_password\">第2パスワード</label>",
+            "<label for=\"new_second_password_confirm\">確認</label>",
+            "セキュリティ向上の為、第2パスワードを設定してください。",
+            "次回ログイン時より、パスワードと併せて第2パスワードも入力してください。",
+            "第2パスワードはログイン後のメニューから変更可能です。",
+            "第2パスワードは下記ルールに従い設定してください。",
+            "8文字以上であること。",
+            "1文字以上の半角英大文字(A-Z)が含まれること。",
+            "1文字以上の半角英小文字(a-z)が含まれること。",
+            "1文字以上の半角数字(0-9)が含まれること。",
+            "半角英数字以外を含まないこと。",
+            "64文字",
+            "大学で利用しているパスワードは設定しないでください",
+            "action=\"/enroll/second-password\"",
+            ">設定</button>",
+        ] {
+            assert!(
+                html.contains(text),
+                "enroll_second_password: missing {text}"
+            );
+        }
+        let html = page(
+            "second_password_set.html",
+            Locale::Ja,
+            false,
+            context! { next_url => "/login?tx=abc" },
+        );
+        assert!(html.contains("変更完了"));
+        assert!(html.contains("<p>第2パスワードが設定されました</p>"));
+        assert!(html.contains(r#"href="/login?tx=abc">OK</a>"#));
+
+        let html = page(
+            "account_second_password.html",
+            Locale::Ja,
+            true,
+            context! { errors => Vec::<String>::new() },
+        );
+        for text in [
+            "<title>第2パスワード変更 | The University</title>",
+            "<label for=\"current_second_password\">現在の第2パスワード</label>",
+            "<label for=\"new_second_password\">新しい第2パスワード</label>",
+            "<label for=\"new_second_password_confirm\">確認</label>",
+            "<a class=\"button button-secondary\" href=\"/account\">戻る</a>",
+            ">変更</button>",
+            "1文字以上の半角数字(0-9)が含まれること。",
+        ] {
+            assert!(
+                html.contains(text),
+                "account_second_password: missing {text}"
+            );
+        }
+        let html = page(
+            "second_password_changed.html",
+            Locale::Ja,
+            true,
+            context! { next_url => "/account" },
+        );
+        assert!(html.contains("<p>第2パスワードは変更されました</p>"));
+        assert!(html.contains(r#"href="/account">OK</a>"#));
+
+        let html = page(
+            "account_email.html",
+            Locale::Ja,
+            true,
+            context! { email => none.clone(), errors => Vec::<String>::new(), mail_from => "noreply@example.ac.jp" },
+        );
+        for text in [
+            "<title>メールアドレス変更 | The University</title>",
+            "<label for=\"email\">新しいメールアドレス</label>",
+            "<label for=\"email_confirm\">確認</label>",
+            "<label for=\"current_second_password\">現在の第2パスワード</label>",
+            "action=\"/account/email\"",
+            ">戻る</a>",
+            ">確認</button>",
+            "noreply@example.ac.jp",
+        ] {
+            assert!(html.contains(text), "account_email: missing {text}");
+        }
+
+        let html = page(
+            "forgot.html",
+            Locale::Ja,
+            false,
+            context! { errors => Vec::<String>::new(), email => none.clone() },
+        );
+        for text in [
+            "第2パスワードリセット",
+            "第2パスワードを忘れた場合",
+            "メールアドレス</label>",
+            "登録しているメールアドレスを入力し、「送信」ボタンを押してください。",
+            "「送信」ボタンを押すと、登録しているメールアドレスにリセットメールが届きます。",
+            "リセットメールに記載されたURLにアクセスし、再設定を完了してください。",
+            "リセットメールの送信までには、少々時間がかかる場合があります。",
+            "action=\"/forgot\"",
+            ">送信</button>",
+            "href=\"/login\"",
+        ] {
+            assert!(html.contains(text), "forgot: missing {text}");
+        }
+
+        let html = page(
+            "reset.html",
+            Locale::Ja,
+            false,
+            context! { action => "/link/tok456", errors => Vec::<String>::new() },
+        );
+        for text in [
+            "action=\"/link/tok456\"",
+            "<label for=\"username\">ユーザID</label>",
+            "<label for=\"password\">パスワード</label>",
+            "<label for=\"new_second_password\">第2パスワード</label>",
+            "<label for=\"new_second_password_confirm\">確認</label>",
+            r#"name="username" type="text" value="" autocomplete="username""#,
+            ">設定</button>",
+        ] {
+            assert!(html.contains(text), "reset: missing {text}");
+        }
+        let html = page("reset_done.html", Locale::Ja, false, context! {});
+        assert!(html.contains("<p>第2パスワードが設定されました</p>"));
+        assert!(html.contains(r#"href="/login">OK</a>"#));
+    }
+
+    #[test]
+    fn each_error_is_its_own_line_in_one_alert() {
+        let keys = [
+            "rule_too_short",
+            "rule_no_uppercase",
+            "rule_no_digit",
+            "rule_confirmation_mismatch",
+        ];
+        for locale in Locale::ALL {
+            let html = page(
+                "enroll_second_password.html",
+                locale,
+                false,
+                context! { tx => "abc", errors => keys.to_vec() },
+            );
+            assert_eq!(html.matches("role=\"alert\"").count(), 1);
+            let alert = alert_box(&html);
+            assert!(alert.contains("id=\"form-errors\""));
+            assert_eq!(alert.matches("<p>").count(), keys.len(), "{alert}");
+            for key in keys {
+                let line = format!("<p>{}</p>", escaped(&ui().message(locale, key)));
+                assert!(alert.contains(&line), "{line} not in {alert}");
+            }
+            for tag in inputs(&html) {
+                if attr(tag, "type") != Some("hidden") {
+                    let described = attr(tag, "aria-describedby").unwrap_or("");
+                    assert!(described.split(' ').any(|id| id == "form-errors"), "{tag}");
+                }
+            }
+        }
+        // No errors: no box, and no input points at a box that is not there.
+        let html = page(
+            "account_second_password.html",
+            Locale::Ja,
+            true,
+            context! { errors => Vec::<String>::new() },
+        );
+        assert!(!html.contains("role=\"alert\""));
+        assert!(!html.contains("form-errors"));
+        // full_login_required offers the way back; locked shows the time and the contact.
+        let html = page(
+            "enroll_second_password.html",
+            Locale::Ja,
+            false,
+            context! { tx => (), errors => vec!["full_login_required"] },
+        );
+        assert!(alert_box(&html).contains("href=\"/login\""));
+        let html = page(
+            "account_second_password.html",
+            Locale::Ja,
+            true,
+            context! { errors => vec!["locked"], until => "12:30" },
+        );
+        assert!(alert_box(&html).contains("12:30 まで"));
+        assert!(alert_box(&html).contains("Student Affairs 06-0000-0000"));
+        let html = page(
+            "reset.html",
+            Locale::En,
+            false,
+            context! { action => "/link/t", errors => vec!["reset_refused_recent_email_change"] },
+        );
+        assert!(alert_box(&html).contains("72 hours"));
+        assert!(alert_box(&html).contains("Student Affairs 06-0000-0000"));
+    }
+
+    fn escaped(text: &str) -> String {
+        let mut out = String::new();
+        escape_html_into(&mut out, text);
+        out
+    }
+
+    #[test]
+    fn reset_sent_page_does_not_say_whether_the_address_is_registered() {
+        let ctx =
+            context! { purpose => "reset", minutes => 30, mail_from => "noreply@example.ac.jp" };
+        let html = page("email_sent.html", Locale::En, false, ctx.clone());
+        assert!(html.contains("If the address is registered, we have sent a mail"));
+        assert!(html.contains("valid for 30 minutes"));
+        assert!(html.contains("role=\"status\""));
+        let html = page("email_sent.html", Locale::Ja, false, ctx);
+        assert!(html.contains("入力されたメールアドレスが登録されている場合は"));
+        let html = page(
+            "email_sent.html",
+            Locale::Ja,
+            true,
+            context! { purpose => "change_email", minutes => 45, mail_from => "noreply@example.ac.jp" },
+        );
+        assert!(html.contains("メールアドレスの変更を完了してください。"));
+        assert!(html.contains("URLの有効期限は45分です。"));
+        assert!(html.contains("href=\"/account\""));
+    }
+
+    #[test]
+    fn link_pages_consume_only_on_post_and_explain_failures() {
+        for (purpose, text) in [
+            ("verify_email", "次のメールアドレスの登録を完了します。"),
+            ("change_email", "メールアドレスを次のアドレスに変更します。"),
+        ] {
+            let html = page(
+                "link_confirm.html",
+                Locale::Ja,
+                false,
+                context! { purpose => purpose, email => "a&b@example.ac.jp", action => "/link/tok123" },
+            );
+            assert!(html.contains(text), "{purpose}");
+            assert!(html.contains(r#"<form class="form" method="post" action="/link/tok123">"#));
+            assert!(html.contains(r#"<input type="hidden" name="csrf" value="csrf-token-123">"#));
+            assert!(html.contains(">確認</button>"));
+            assert!(html.contains("a&amp;b@example.ac.jp"));
+        }
+        let html = page(
+            "link_confirm.html",
+            Locale::En,
+            false,
+            context! { purpose => "verify_email", email => (), action => "/link/tok123" },
+        );
+        assert!(html.contains(">Confirm</button>"));
+        for (reason, ja, en) in [
+            ("expired", "有効期限が切れています", "has expired"),
+            ("used", "すでに使用されています", "already been used"),
+            ("invalid", "このURLは無効です", "is not valid"),
+        ] {
+            let html = page(
+                "link_invalid.html",
+                Locale::Ja,
+                false,
+                context! { reason => reason },
+            );
+            assert!(html.contains(ja), "{reason}");
+            assert!(html.contains("href=\"/forgot\""));
+            assert!(html.contains("href=\"/login\""));
+            assert!(!html.contains("<form"));
+            let html = page(
+                "link_invalid.html",
+                Locale::En,
+                false,
+                context! { reason => reason },
+            );
+            assert!(html.contains(en), "{reason}");
+        }
+    }
+
+    #[test]
+    fn only_login_and_reset_ask_for_university_credentials() {
+        for (name, _, html) in renders() {
+            let asks = html.contains(r#"name="username""#) || html.contains(r#"name="password""#);
+            assert_eq!(
+                asks,
+                name == "login.html" || name == "reset.html",
+                "{name}: username/password fields"
+            );
+        }
+    }
+
+    #[test]
+    fn every_form_carries_csrf_and_lang() {
+        for (name, locale, html) in renders() {
+            let forms = html.matches("<form").count();
+            assert_eq!(
+                html.matches(r#"<input type="hidden" name="csrf" value="csrf-token-123">"#)
+                    .count(),
+                forms,
+                "{name}"
+            );
+            let lang = format!(
+                r#"<input type="hidden" name="lang" value="{}">"#,
+                locale.as_str()
+            );
+            assert_eq!(html.matches(&lang).count(), forms, "{name}");
+            for (at, _) in html.match_indices("<form") {
+                let tag = &html[at..at + html[at..].find('>').unwrap()];
+                assert!(tag.contains(r#"method="post""#), "{name}: {tag}");
+            }
+        }
+    }
+
+    #[test]
+    fn manual_covers_the_flows_in_both_languages() {
+        let ja = page("manual.html", Locale::Ja, true, context! {});
+        for text in [
+            "<title>マニュアル | The University</title>",
+            "メールアドレスの登録",
+            "第2パスワードの設定",
+            "第2パスワードの確認",
+            "メールアドレスの変更",
+            "第2パスワードの変更",
+            "第2パスワードを忘れた場合",
+            "自動的にログアウト",
+            "困ったときは",
+            "Student Affairs 06-0000-0000",
+            "1文字以上の半角英大文字(A-Z)が含まれること。",
+        ] {
+            assert!(ja.contains(text), "manual ja: missing {text}");
+        }
+        let en = page("manual.html", Locale::En, false, context! {});
+        for text in [
+            "<title>Manual | The University</title>",
+            "First login",
+            "If you forget the second password",
+            "Troubleshooting",
+            "Student Affairs 06-0000-0000",
+        ] {
+            assert!(en.contains(text), "manual en: missing {text}");
+        }
+        // Every in-page link has its target.
+        for html in [&ja, &en] {
+            for (at, _) in html.match_indices("href=\"#") {
+                let id: String = html[at + 7..].chars().take_while(|c| *c != '"').collect();
+                assert!(html.contains(&format!(" id=\"{id}\"")), "no #{id}");
+            }
+        }
+    }
+
+    #[test]
+    fn dev_mailbox_escapes_bodies_and_links_urls() {
+        let html = page(
+            "dev_mail.html",
+            Locale::En,
+            false,
+            context! { mails => vec![context! {
+                id => "m1", to => "t@example.ac.jp", subject => "<b>s</b>", created => "2025-04-01",
+                body => "Open http://localhost:8080/link/abc?x=1&y=2.\n<script>alert(1)</script>",
+            }] },
+        );
+        assert!(!html.contains("<script"));
+        assert!(!html.contains("<b>"));
+        assert!(html.contains("&lt;b&gt;s&lt;/b&gt;"));
+        assert!(html.contains(
+            r#"<a href="http://localhost:8080/link/abc?x=1&amp;y=2">http://localhost:8080/link/abc?x=1&amp;y=2</a>."#
+        ));
+        let html = page(
+            "dev_mail.html",
+            Locale::Ja,
+            false,
+            context! { mails => Vec::<Value>::new() },
+        );
+        assert!(html.contains("メールはありません。"));
+    }
+
+    #[test]
+    fn linkify_links_only_http_urls() {
+        let l = |s: &str| linkify(s.to_owned()).to_string();
+        assert_eq!(l("a <b> & c"), "a &lt;b&gt; &amp; c");
+        assert_eq!(
+            l("see https://x.example/a?b=1&c=2, then"),
+            r#"see <a href="https://x.example/a?b=1&amp;c=2">https://x.example/a?b=1&amp;c=2</a>, then"#
+        );
+        assert_eq!(l("javascript:alert(1)"), "javascript:alert(1)");
+        assert_eq!(
+            l("x http://a\"onmouseover=\"y"),
+            r#"x <a href="http://a">http://a</a>&quot;onmouseover=&quot;y"#
+        );
+        assert_eq!(l("http:// and https://."), "http:// and https://.");
+        assert_eq!(
+            l("(http://a.example/)"),
+            r#"(<a href="http://a.example/">http://a.example/</a>)"#
+        );
+        assert_eq!(
+            l("URL：http://a.example/x。"),
+            "URL：<a href=\"http://a.example/x\">http://a.example/x</a>。"
+        );
+    }
+
+    /// A representative context for every mail.
+    fn mail_context(name: &str) -> Value {
+        match name {
+            "mail/verify_email.txt" | "mail/change_email.txt" | "mail/reset.txt" => {
+                context! { url => "http://localhost:8080/link/AbC_123?x=1&y=2", minutes => 30 }
+            }
+            "mail/email_changed_notice.txt" => {
+                context! { when => "2025-04-01 12:34", new_email_masked => "ne***@e***.ac.jp" }
+            }
+            "mail/second_password_changed_notice.txt" => context! { when => "2025-04-01 12:34" },
+            other => panic!("no test context for {other}"),
+        }
+    }
+
+    #[test]
+    fn every_mail_renders_in_both_languages() {
+        let ui = ui();
+        let mail_templates: Vec<_> = TEMPLATES
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| name.ends_with(".txt"))
+            .collect();
+        assert_eq!(mail_templates.len(), MAILS.len());
+        for (name, subject_key) in MAILS {
+            assert!(mail_templates.contains(name), "{name} not in TEMPLATES");
+            for locale in Locale::ALL {
+                let mail = ui
+                    .render_mail(name, locale, mail_context(name))
+                    .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+                assert_eq!(mail.subject, ui.message(locale, subject_key));
+                assert!(!mail.subject.is_empty() && !mail.subject.contains('\n'));
+                assert!(
+                    mail.body.ends_with('\n') && !mail.body.ends_with("\n\n"),
+                    "{name}"
+                );
+                assert!(!mail.body.starts_with('\n'), "{name}");
+                assert!(!mail.body.contains("\n\n\n"), "{name}: {}", mail.body);
+                assert!(
+                    !mail.body.contains("&amp;") && !mail.body.contains("&#x27;"),
+                    "{name}"
+                );
+                assert!(!mail.body.contains('<'), "{name}: plain text");
+                assert_eq!(unfilled_placeholder(&mail.body), None, "{name}");
+                assert!(mail.body.contains("The University"), "{name}");
+                assert!(mail.body.contains("Student Affairs 06-0000-0000"), "{name}");
+                if locale == Locale::En {
+                    let found: String = mail.body.chars().filter(|c| is_japanese(*c)).collect();
+                    assert!(
+                        found.is_empty(),
+                        "{name}: Japanese in an English mail: {found}"
+                    );
+                }
+                if mail_context(name)
+                    .get_attr("url")
+                    .is_ok_and(|url| !url.is_undefined())
+                {
+                    assert!(
+                        mail.body
+                            .contains("\nhttp://localhost:8080/link/AbC_123?x=1&y=2\n"),
+                        "{name}: the URL unescaped on its own line"
+                    );
+                    let validity = match locale {
+                        Locale::Ja => "URL 期限：30 分",
+                        Locale::En => "valid for 30 minutes",
+                    };
+                    assert!(mail.body.contains(validity), "{name}: {}", mail.body);
+                }
+            }
+        }
+        assert!(ui
+            .render_mail("login.html", Locale::Ja, context! {})
+            .is_err());
+    }
+
+    #[test]
+    fn mails_match_the_seed() {
+        let ui = ui();
+        let body = |name: &str| {
+            ui.render_mail(name, Locale::Ja, mail_context(name))
+                .unwrap()
+                .body
+        };
+        let verify = body("mail/verify_email.txt");
+        assert!(verify.starts_with(
+            "メールアドレスの登録を行います。\n以下の URL にアクセスし、メールアドレスの登録を完了して下さい。\n\nhttp://"
+        ));
+        for text in [
+            "URL 期限：30 分",
+            "※もしこのメールにお心当たりのない方は削除して下さい。",
+            "◎このメールは送信専用メールです。",
+        ] {
+            assert!(verify.contains(text), "verify: missing {text}");
+        }
+        let change = body("mail/change_email.txt");
+        assert!(change.starts_with(
+            "メールアドレスの変更を行います。\n以下の URL にアクセスし、メールアドレスの変更を完了して下さい。\n"
+        ));
+        assert!(change.contains("URL 期限：30 分"));
+        let reset = body("mail/reset.txt");
+        assert!(reset.starts_with("第2パスワードのリセットを行います。\n"));
+        assert!(reset.contains("ユーザIDとパスワード"));
+        let notice = body("mail/email_changed_notice.txt");
+        assert!(notice.contains("2025-04-01 12:34"));
+        assert!(notice.contains("ne***@e***.ac.jp"));
+        assert!(notice.contains("お問い合わせ先"));
+        let notice = body("mail/second_password_changed_notice.txt");
+        assert!(notice.contains("2025-04-01 12:34 に、第2パスワードが変更"));
+        let en = ui
+            .render_mail(
+                "mail/email_changed_notice.txt",
+                Locale::En,
+                mail_context("mail/email_changed_notice.txt"),
+            )
+            .unwrap();
+        assert!(en.body.contains(
+            "On 2025-04-01 12:34, your registered email address was changed to ne***@e***.ac.jp."
+        ));
+        // A Japanese-only contact is left off English mails, like English pages.
+        let ui_ja_contact = Ui::new(Branding {
+            university_name: "The University".into(),
+            accent_color: "#1f4e8c".into(),
+            logo_url: String::new(),
+            support_contact: "学生支援課 06-0000-0000".into(),
+        })
+        .unwrap();
+        let en = ui_ja_contact
+            .render_mail("mail/reset.txt", Locale::En, mail_context("mail/reset.txt"))
+            .unwrap();
+        assert!(!en.body.chars().any(is_japanese), "{}", en.body);
+        assert!(!en.body.contains("Contact:"));
+        let ja = ui_ja_contact
+            .render_mail("mail/reset.txt", Locale::Ja, mail_context("mail/reset.txt"))
+            .unwrap();
+        assert!(ja
+            .body
+            .contains("お問い合わせ先：学生支援課 06-0000-0000\n"));
     }
 
     #[test]

@@ -24,6 +24,7 @@ CREATE TABLE one_time_links (
     account_id TEXT NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
     email TEXT,
     locale TEXT NOT NULL,
+    login_transaction_id TEXT,
     created_at BIGINT NOT NULL,
     expires_at BIGINT NOT NULL,
     consumed_at BIGINT,

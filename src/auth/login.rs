@@ -10,7 +10,8 @@ use minijinja::context;
 use serde::Deserialize;
 
 use super::csrf::{self, Browser};
-use super::levels::{decide, Decision};
+use super::levels::{decide, required_level, Decision, Level};
+use crate::enroll::Enrollment;
 use super::normalize_username;
 use super::session::{self, set_cookie, SESSION_COOKIE};
 use super::throttle;
@@ -31,6 +32,9 @@ pub struct PageQuery {
 }
 
 type Pending = Option<(LoginTransaction, AuthRequest)>;
+
+/// How long the hash of the university password typed at a full login stays on the session.
+pub const UNIVERSITY_HASH_LIFETIME: i64 = 15 * 60;
 
 async fn pending(state: &AppState, tx: Option<&str>, browser: &Browser) -> Result<Pending, PageError> {
     match tx.filter(|t| !t.is_empty()) {
@@ -129,8 +133,9 @@ pub async fn login_submit(
         .store
         .upsert_account(&user.id, &user.username, &claims, &random_id(), &b64url(&random_bytes::<16>()), state.clock.now())
         .await?;
+    let enrolled = Enrollment::of(&account) == Enrollment::Done;
     let second_checked = match (&account.second_password_hash, second_password.is_empty()) {
-        (Some(hash), false) => {
+        (Some(hash), false) if enrolled => {
             let Some(second) = throttle::reserve_second_password(&state, &account.id).await? else {
                 // The university password was right, so the lock may be told, with the help desk.
                 reservation.succeeded(&state).await?;
@@ -156,7 +161,11 @@ pub async fn login_submit(
         }
         other => other,
     };
-    let (session, cookie, _) = session::sign_in(&state, existing, &account.id, second_checked).await?;
+    let (mut session, cookie, _) = session::sign_in(&state, existing, &account.id, second_checked).await?;
+    // Kept 15 minutes for the "differs from the university password" rule; never the password.
+    session.university_password_hash = Some(state.hasher.hash_short_lived(password).await);
+    session.university_password_hash_until = Some(state.clock.now() + UNIVERSITY_HASH_LIFETIME);
+    state.store.update_session(&session).await?;
     let mut response = continue_after_login(&state, pending, &session, &account).await?;
     response
         .headers_mut()
@@ -171,13 +180,19 @@ async fn continue_after_login(
     session: &BrowserSession,
     account: &Account,
 ) -> Result<Response, PageError> {
+    let enrollment = Enrollment::of(account);
     let Some((tx, request)) = pending else {
-        return Ok(see_other("/account"));
+        return Ok(see_other(&enrollment.page(None).unwrap_or_else(|| "/account".into())));
     };
     let client = crate::oidc::clients::find(state, &request.client_id)
         .await
         .map_err(|_| PageError::internal("client lookup failed"))?
         .ok_or_else(PageError::expired)?;
+    let needs_second = required_level(&client, &request) == Level::SecondPassword;
+    if let Some(page) = enrollment.page(Some(&tx.id)).filter(|_| crate::enroll::required(state, needs_second)) {
+        // No authorization completes until enrollment is finished.
+        return Ok(see_other(&page));
+    }
     let now = state.clock.now();
     match decide(state, &client, &request, Some(session), true, now) {
         Decision::Issue { level, auth_time } => {
@@ -186,14 +201,6 @@ async fn continue_after_login(
             }
             issue_code(state, &request, session, account, level, auth_time).await
         }
-        Decision::StepUp if account.second_password_hash.is_none() => Err(PageError {
-            status: StatusCode::FORBIDDEN,
-            title_key: "registration_needed_title",
-            message_key: "registration_needed_message",
-            detail: None,
-            back_url: Some("/login".into()),
-            locale: None,
-        }),
         Decision::StepUp | Decision::Login => Ok(see_other(&format!("/login/step-up?tx={}", tx.id))),
     }
 }
@@ -313,8 +320,8 @@ pub async fn account_page(
     let locale = state.locale_for(&headers, query.lang.as_deref(), None);
     let now = state.clock.now();
     let reauth = state.config.session.menu_reauth.as_secs() as i64;
-    if account.second_password_hash.is_none() {
-        return state.page(locale, "registration_needed.html", context! {}, &browser, &headers);
+    if let Some(page) = Enrollment::of(&account).page(None) {
+        return Ok(see_other(&page));
     }
     if !session.second_password_at.is_some_and(|t| now - t <= reauth) {
         return Ok(see_other("/login/step-up"));

@@ -79,6 +79,15 @@ impl PasswordHasher {
         ok && real
     }
 
+    /// A hash that lives at most 15 minutes on a session (the "differs from the university
+    /// password" rule): lighter parameters, since it is deleted on use.
+    pub async fn hash_short_lived(&self, password: &str) -> String {
+        let params = Params::new(4096, 1, 1, None).expect("valid argon2 parameters");
+        let params = if params.m_cost() < self.params.m_cost() { params } else { self.params.clone() };
+        let password = password.to_string();
+        self.run(move || hash_with(&params, &password)).await
+    }
+
     pub async fn hash(&self, password: &str) -> String {
         let params = self.params.clone();
         let password = password.to_string();

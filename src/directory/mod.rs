@@ -2,6 +2,9 @@
 pub mod file;
 pub mod ldap;
 
+use std::sync::Arc;
+
+use anyhow::Context;
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 
@@ -38,4 +41,20 @@ pub trait UserDirectory: Send + Sync + 'static {
     async fn lookup(&self, username: &str) -> Result<Option<DirectoryUser>, DirectoryError>;
     /// Whether the directory answers, for `/readyz`.
     async fn check(&self) -> Result<(), DirectoryError>;
+}
+
+/// The directory `[directory]` describes (the embedded default's demo students for "demo").
+pub async fn build(
+    config: &crate::config::DirectoryConfig,
+    hasher: Arc<crate::auth::passwords::PasswordHasher>,
+) -> anyhow::Result<Arc<dyn UserDirectory>> {
+    Ok(match config.kind.as_str() {
+        "file" => Arc::new(file::FileDirectory::load(
+            config.path.as_deref().context("directory.path is required")?,
+            hasher,
+        )?),
+        "demo" => Arc::new(file::demo_directory(hasher).await),
+        "ldap" => Arc::new(ldap::LdapDirectory::new(config)?),
+        other => anyhow::bail!("directory kind {other:?} is not available"),
+    })
 }

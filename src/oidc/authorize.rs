@@ -12,7 +12,8 @@ use super::clients::{self, Client};
 use super::params::Params;
 use crate::app::{see_other, AppState};
 use crate::auth::csrf::Browser;
-use crate::auth::levels::{decide, Decision, Level};
+use crate::auth::levels::{decide, required_level, Decision, Level};
+use crate::enroll::Enrollment;
 use crate::auth::session;
 use crate::clock::{random_id, random_token, Timestamp};
 use crate::crypto::token_digest;
@@ -153,7 +154,21 @@ pub async fn authorize(
                 .get_account(&session.account_id)
                 .await?
                 .ok_or_else(|| PageError::internal("session without account"))?;
-            issue_code(&state, &request, &session, &account, level, auth_time).await?
+            let needs_second = required_level(&client, &request) == Level::SecondPassword;
+            let enrollment = Enrollment::of(&account);
+            if enrollment != Enrollment::Done && crate::enroll::required(&state, needs_second) {
+                if request.prompt_none() {
+                    return Ok(request.error_redirect(
+                        &state.config.issuer,
+                        "interaction_required",
+                        "the student must finish registration",
+                    ));
+                }
+                let tx = new_transaction(&state, &browser, &request, now).await?;
+                enrollment.page(Some(&tx)).map(|p| see_other(&p)).unwrap_or_else(|| see_other("/login"))
+            } else {
+                issue_code(&state, &request, &session, &account, level, auth_time).await?
+            }
         }
         (_, _) if request.prompt_none() => {
             return Ok(request.error_redirect(
@@ -163,23 +178,29 @@ pub async fn authorize(
             ));
         }
         (decision, _) => {
-            let tx = LoginTransaction {
-                id: random_id(),
-                browser_digest: browser.digest(),
-                client_id,
-                request: serde_json::to_string(&request).map_err(anyhow::Error::from)?,
-                account_id: None,
-                created_at: now,
-                expires_at: now + LOGIN_TRANSACTION_LIFETIME,
-                completed_at: None,
-            };
-            state.store.insert_login_transaction(&tx).await?;
+            let tx = new_transaction(&state, &browser, &request, now).await?;
             let page = if decision == Decision::StepUp { "/login/step-up" } else { "/login" };
-            see_other(&format!("{page}?tx={}", tx.id))
+            see_other(&format!("{page}?tx={tx}"))
         }
     };
     browser.set_cookie_if_new(&state, response.headers_mut());
     Ok(response)
+}
+
+/// Stores the request while the student signs in, bound to this browser; returns its id.
+async fn new_transaction(state: &AppState, browser: &Browser, request: &AuthRequest, now: Timestamp) -> Result<String, PageError> {
+    let tx = LoginTransaction {
+        id: random_id(),
+        browser_digest: browser.digest(),
+        client_id: request.client_id.clone(),
+        request: serde_json::to_string(request).map_err(anyhow::Error::from)?,
+        account_id: None,
+        created_at: now,
+        expires_at: now + LOGIN_TRANSACTION_LIFETIME,
+        completed_at: None,
+    };
+    state.store.insert_login_transaction(&tx).await?;
+    Ok(tx.id)
 }
 
 fn validate(client: &Client, params: &mut Params, request: &mut AuthRequest) -> Result<(), RedirectError> {

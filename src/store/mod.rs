@@ -202,6 +202,8 @@ pub struct OneTimeLink {
     pub account_id: String,
     pub email: Option<String>,
     pub locale: String,
+    /// The pending authorization request to resume after the link, if any.
+    pub login_transaction_id: Option<String>,
     pub created_at: Timestamp,
     pub expires_at: Timestamp,
     pub consumed_at: Option<Timestamp>,
@@ -235,6 +237,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Account>;
     async fn get_account(&self, id: &str) -> StoreResult<Option<Account>>;
     async fn find_accounts_by_username(&self, username: &str) -> StoreResult<Vec<Account>>;
+    /// Accounts whose verified email is `email` (several students may share one).
+    async fn find_accounts_by_email(&self, email: &str) -> StoreResult<Vec<Account>>;
+    /// Registers a verified email; a previous address is remembered with the time of the change.
+    async fn set_account_email(&self, account_id: &str, email: &str, now: Timestamp) -> StoreResult<()>;
+    async fn set_second_password(&self, account_id: &str, hash: &str, now: Timestamp) -> StoreResult<()>;
 
     // Clients registered in the store (the configuration file's are synchronised at start).
     async fn put_client(&self, client: &ClientRow) -> StoreResult<()>;

@@ -74,6 +74,42 @@ macro_rules! sql_store {
                     .await?)
             }
 
+            async fn find_accounts_by_email(&self, email: &str) -> StoreResult<Vec<Account>> {
+                Ok(sqlx::query_as(
+                    "SELECT * FROM accounts WHERE email = $1 AND email_verified_at IS NOT NULL ORDER BY created_at",
+                )
+                .bind(email)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn set_account_email(&self, account_id: &str, email: &str, now: Timestamp) -> StoreResult<()> {
+                sqlx::query(
+                    "UPDATE accounts SET \
+                     previous_email = CASE WHEN email_verified_at IS NOT NULL AND email <> $2 THEN email ELSE previous_email END, \
+                     email_changed_at = CASE WHEN email_verified_at IS NOT NULL AND email <> $2 THEN $3 ELSE email_changed_at END, \
+                     email = $2, email_verified_at = $3, updated_at = $3 WHERE id = $1",
+                )
+                .bind(account_id)
+                .bind(email)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn set_second_password(&self, account_id: &str, hash: &str, now: Timestamp) -> StoreResult<()> {
+                sqlx::query(
+                    "UPDATE accounts SET second_password_hash = $2, second_password_set_at = $3, updated_at = $3 WHERE id = $1",
+                )
+                .bind(account_id)
+                .bind(hash)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
             async fn put_client(&self, c: &ClientRow) -> StoreResult<()> {
                 sqlx::query(
                     "INSERT INTO clients (client_id, settings, secret_digest, source, created_at, updated_at) \
@@ -664,8 +700,8 @@ macro_rules! sql_store {
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(
-                    "INSERT INTO one_time_links (digest, purpose, account_id, email, locale, created_at, \
-                     expires_at, consumed_at, superseded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, NULL)",
+                    "INSERT INTO one_time_links (digest, purpose, account_id, email, locale, login_transaction_id, \
+                     created_at, expires_at, consumed_at, superseded_at) VALUES ($1, $2, $3, $4, $5, $8, $6, $7, NULL, NULL)",
                 )
                 .bind(&link.digest)
                 .bind(&link.purpose)
@@ -674,6 +710,7 @@ macro_rules! sql_store {
                 .bind(&link.locale)
                 .bind(link.created_at)
                 .bind(link.expires_at)
+                .bind(&link.login_transaction_id)
                 .execute(&mut *tx)
                 .await?;
                 insert_job(&mut *tx, mail).await?;

@@ -4,6 +4,7 @@
 
 pub mod html;
 pub mod rp;
+pub mod slapd;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -1,0 +1,271 @@
+//! RP-initiated logout: with a valid `id_token_hint` (expired is fine) no page and a redirect to
+//! the registered URI; without one a confirmation form. The session and its online grants end.
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::common::*;
+use crate::on_both_backends;
+
+on_both_backends!(
+    logout_with_id_token_hint_redirects_and_ends_the_session,
+    logout_confirmation_without_a_hint,
+);
+
+fn logout_url(app: &TestApp, params: &[(&str, &str)]) -> String {
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish();
+    app.url(&format!("/logout?{query}"))
+}
+
+/// Signs TARO in on a new browser through `rp-basic`; the browser and the tokens.
+async fn signed_in(app: &TestApp) -> (Browser, Tokens) {
+    let browser = app.browser();
+    let tokens = app
+        .tokens_with(&browser, Authz::new("rp-basic"), &TARO, Level::Password)
+        .await;
+    (browser, tokens)
+}
+
+async fn assert_signed_out(app: &TestApp, browser: &Browser) {
+    let page = browser.open(&Authz::new("rp-basic").url(&app.issuer)).await;
+    assert!(page.is_login_page(), "the session is gone: {page:?}");
+}
+
+async fn logout_with_id_token_hint_redirects_and_ends_the_session(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let (browser, tokens) = signed_in(&app).await;
+    let url = logout_url(
+        &app,
+        &[
+            ("id_token_hint", tokens.id()),
+            ("post_logout_redirect_uri", POST_LOGOUT_URI),
+            ("state", "bye-123"),
+        ],
+    );
+    let reply = browser.get(&url).await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "no page: {reply:?}");
+    let location = reply.location_url();
+    assert!(location.as_str().starts_with(POST_LOGOUT_URI), "{location}");
+    let state: Vec<(String, String)> = location.query_pairs().into_owned().collect();
+    assert_eq!(state, vec![("state".to_string(), "bye-123".to_string())]);
+
+    assert_signed_out(&app, &browser).await;
+    let refresh = app.refresh("rp-basic", tokens.refresh()).await;
+    assert_eq!(
+        refresh.error(),
+        "invalid_grant",
+        "refresh tokens without offline_access end with the session: {refresh:?}"
+    );
+    assert_eq!(app.introspect(&tokens.access_token).await["active"], false);
+}
+
+async fn logout_confirmation_without_a_hint(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let (browser, _) = signed_in(&app).await;
+    let page = browser.get(&app.url("/logout")).await;
+    assert_eq!(page.status, StatusCode::OK, "{page:?}");
+    let form = html::forms(&page.body)
+        .into_iter()
+        .find(|f| f.action == "/logout")
+        .unwrap_or_else(|| panic!("a confirmation form: {page:?}"));
+    assert_eq!(form.method, "post");
+    let csrf = form.value("csrf").expect("a csrf field").to_string();
+    assert!(!csrf.is_empty());
+    // Still signed in until the student confirms.
+    browser
+        .get(&Authz::new("rp-basic").url(&app.issuer))
+        .await
+        .code();
+
+    let fields: Vec<(&str, &str)> = form
+        .inputs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let done = browser.post("/logout", &fields).await;
+    assert_eq!(done.status, StatusCode::OK, "{done:?}");
+    assert!(html::forms(&done.body).is_empty(), "the logged-out page has no form: {done:?}");
+    assert!(done.body.contains("role=\"status\""), "{done:?}");
+    assert_signed_out(&app, &browser).await;
+}
+
+#[tokio::test]
+async fn offline_access_outlives_the_session() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    let authz = Authz::new("rp-basic").set("scope", "openid offline_access");
+    let tokens = app
+        .tokens_with(&browser, authz, &TARO, Level::Password)
+        .await;
+    let url = logout_url(&app, &[("id_token_hint", tokens.id())]);
+    let reply = browser.get(&url).await;
+    assert!(reply.status.is_success() || reply.status == StatusCode::SEE_OTHER, "{reply:?}");
+    assert_signed_out(&app, &browser).await;
+    let refresh = app.refresh("rp-basic", tokens.refresh()).await;
+    assert_eq!(refresh.status, StatusCode::OK, "{refresh:?}");
+}
+
+#[tokio::test]
+async fn unregistered_post_logout_redirect_uri_is_an_error_page() {
+    let app = TestApp::sqlite().await;
+    let (browser, tokens) = signed_in(&app).await;
+    for uri in ["https://evil.example/", "http://127.0.0.1:9999/?x=1", "http://127.0.0.1:9999"] {
+        let url = logout_url(
+            &app,
+            &[("id_token_hint", tokens.id()), ("post_logout_redirect_uri", uri)],
+        );
+        let reply = browser.get(&url).await;
+        assert!(reply.is_error_page(StatusCode::BAD_REQUEST), "{uri}: {reply:?}");
+    }
+    // Without a hint or client_id nobody says whose URI it is.
+    let url = logout_url(&app, &[("post_logout_redirect_uri", POST_LOGOUT_URI)]);
+    let reply = browser.get(&url).await;
+    assert!(reply.is_error_page(StatusCode::BAD_REQUEST), "{reply:?}");
+    // The session survived all of that.
+    browser
+        .get(&Authz::new("rp-basic").url(&app.issuer))
+        .await
+        .code();
+}
+
+#[tokio::test]
+async fn expired_id_token_hint_is_still_accepted() {
+    let app = TestApp::builder(Backend::Sqlite)
+        .config(json!({ "session": { "idle_timeout": "2h" } }))
+        .build()
+        .await;
+    let (browser, tokens) = signed_in(&app).await;
+    app.advance(3600);
+    let exp = tokens.id_claims()["exp"].as_i64().unwrap();
+    assert!(exp < app.now(), "the hint has expired");
+    let url = logout_url(
+        &app,
+        &[
+            ("id_token_hint", tokens.id()),
+            ("post_logout_redirect_uri", POST_LOGOUT_URI),
+            ("state", "s1"),
+        ],
+    );
+    let reply = browser.get(&url).await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{reply:?}");
+    assert!(reply.location.as_deref().unwrap().starts_with(POST_LOGOUT_URI));
+    assert_signed_out(&app, &browser).await;
+}
+
+#[tokio::test]
+async fn forged_id_token_hint_is_refused() {
+    let app = TestApp::sqlite().await;
+    let (browser, tokens) = signed_in(&app).await;
+    // Same claims, signed by a key that is not ours.
+    let key = josekit::jws::RS256.generate_key_pair(2048).unwrap();
+    let mut header = josekit::jws::JwsHeader::new();
+    header.set_key_id(
+        jwt_header(tokens.id())["kid"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    );
+    let payload = josekit::jwt::JwtPayload::from_map(
+        tokens.id_claims().as_object().unwrap().clone(),
+    )
+    .unwrap();
+    let signer = josekit::jws::RS256
+        .signer_from_jwk(&key.to_jwk_private_key())
+        .unwrap();
+    let forged = josekit::jwt::encode_with_signer(&payload, &header, &signer).unwrap();
+    for hint in [forged.as_str(), "not-a-jwt"] {
+        let url = logout_url(
+            &app,
+            &[("id_token_hint", hint), ("post_logout_redirect_uri", POST_LOGOUT_URI)],
+        );
+        let reply = browser.get(&url).await;
+        assert!(reply.is_error_page(StatusCode::BAD_REQUEST), "{reply:?}");
+    }
+    browser
+        .get(&Authz::new("rp-basic").url(&app.issuer))
+        .await
+        .code();
+}
+
+#[tokio::test]
+async fn logout_post_without_a_valid_csrf_token_asks_again() {
+    let app = TestApp::sqlite().await;
+    let (browser, _) = signed_in(&app).await;
+    let reply = browser.post("/logout", &[("csrf", "wrong")]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert!(
+        html::forms(&reply.body).iter().any(|f| f.action == "/logout" && f.has("csrf")),
+        "the confirmation form again: {reply:?}"
+    );
+    browser
+        .get(&Authz::new("rp-basic").url(&app.issuer))
+        .await
+        .code();
+}
+
+#[tokio::test]
+async fn confirmed_logout_carries_the_redirect_and_state() {
+    let app = TestApp::sqlite().await;
+    let (browser, _) = signed_in(&app).await;
+    let url = logout_url(
+        &app,
+        &[
+            ("client_id", "rp-basic"),
+            ("post_logout_redirect_uri", POST_LOGOUT_URI),
+            ("state", "st-9"),
+        ],
+    );
+    let page = browser.get(&url).await;
+    let form = html::forms(&page.body)
+        .into_iter()
+        .find(|f| f.action == "/logout")
+        .unwrap_or_else(|| panic!("a confirmation form: {page:?}"));
+    let fields: Vec<(&str, &str)> = form
+        .inputs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let reply = browser.post("/logout", &fields).await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{reply:?}");
+    let location = reply.location_url();
+    assert!(location.as_str().starts_with(POST_LOGOUT_URI));
+    assert!(location.query_pairs().any(|(k, v)| k == "state" && v == "st-9"));
+    assert_signed_out(&app, &browser).await;
+}
+
+#[tokio::test]
+async fn logout_without_a_session_shows_the_logged_out_page() {
+    let app = TestApp::sqlite().await;
+    let reply = app.browser().get(&app.url("/logout")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert!(!reply.status.is_server_error());
+}
+
+#[tokio::test]
+async fn logout_of_another_students_hint_does_not_end_this_session_silently() {
+    let app = TestApp::sqlite().await;
+    let (_, jiro) = {
+        let browser = app.browser();
+        let tokens = app
+            .tokens_with(&browser, Authz::new("rp-basic"), &JIRO, Level::Password)
+            .await;
+        (browser, tokens)
+    };
+    let (browser, _) = signed_in(&app).await;
+    let url = logout_url(
+        &app,
+        &[("id_token_hint", jiro.id()), ("post_logout_redirect_uri", POST_LOGOUT_URI)],
+    );
+    let reply = browser.get(&url).await;
+    // The hint names someone else: the student must confirm (or nothing happens).
+    assert!(
+        reply.status == StatusCode::OK
+            && html::forms(&reply.body).iter().any(|f| f.action == "/logout"),
+        "{reply:?}"
+    );
+    browser
+        .get(&Authz::new("rp-basic").url(&app.issuer))
+        .await
+        .code();
+}
