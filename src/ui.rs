@@ -769,6 +769,8 @@ mod tests {
             "second_password_changed.html" => vec![with(context! { next_url => "/account" }, true)],
             "forgot.html" => vec![
                 with(context! { errors => Vec::<String>::new(), email => none.clone() }, false),
+                // The server may leave out the optional prefill and sender address.
+                with(context! { errors => vec!["email_invalid"] }, false),
                 with(
                     context! { errors => vec!["email_required"], email => "x@example.ac.jp", mail_from => "noreply@example.ac.jp" },
                     false,
@@ -866,7 +868,7 @@ mod tests {
         let rendered = renders();
         assert!(rendered.len() >= 2 * pages().count());
         assert!(
-            pages().count() >= 25,
+            pages().count() >= 24,
             "the enrollment and recovery pages are registered"
         );
         for (name, locale, html) in &rendered {
@@ -1530,6 +1532,14 @@ mod tests {
         );
         assert!(alert_box(&html).contains("12:30 まで"));
         assert!(alert_box(&html).contains("Student Affairs 06-0000-0000"));
+        let html = page(
+            "account_email.html",
+            Locale::Ja,
+            true,
+            context! { email => "a@example.ac.jp", errors => vec!["locked"], mail_from => "n@example.ac.jp" },
+        );
+        assert!(alert_box(&html).contains(&ui().message(Locale::Ja, "locked_no_time")));
+        assert!(!alert_box(&html).contains(" まで"));
         let html = page(
             "reset.html",
             Locale::En,

@@ -72,10 +72,16 @@ async fn search_then_bind_maps_claims() {
     let slapd = Slapd::start().await;
     let ldap = directory(&slapd.search_config());
 
-    let taro = ldap.authenticate(TARO.username, TARO.password).await.expect("Taro signs in");
+    let taro = ldap
+        .authenticate(TARO.username, TARO.password)
+        .await
+        .expect("Taro signs in");
     assert_taro(&slapd, &taro);
 
-    let hanako = ldap.authenticate(HANAKO.username, HANAKO.password).await.expect("Hanako signs in");
+    let hanako = ldap
+        .authenticate(HANAKO.username, HANAKO.password)
+        .await
+        .expect("Hanako signs in");
     assert_eq!(hanako.id, slapd.uuid(HANAKO.username));
     assert_eq!(
         Value::Object(hanako.claims),
@@ -91,7 +97,10 @@ async fn search_then_bind_maps_claims() {
     );
 
     // Attributes the entry lacks give no claim at all.
-    let alex = ldap.authenticate(ALEX.username, ALEX.password).await.expect("Alex signs in");
+    let alex = ldap
+        .authenticate(ALEX.username, ALEX.password)
+        .await
+        .expect("Alex signs in");
     assert_eq!(
         Value::Object(alex.claims),
         json!({ "name": "Alex Smith", "family_name": "Smith", "given_name": "Alex", "student_id": "S2401003" })
@@ -105,10 +114,19 @@ async fn search_then_bind_maps_claims() {
 async fn dn_template_binds_directly_and_reads_the_entry_as_the_student() {
     let slapd = Slapd::start().await;
     let ldap = directory(&slapd.template_config());
-    let taro = ldap.authenticate(TARO.username, TARO.password).await.expect("Taro signs in");
+    let taro = ldap
+        .authenticate(TARO.username, TARO.password)
+        .await
+        .expect("Taro signs in");
     assert_taro(&slapd, &taro);
-    assert_invalid(ldap.authenticate(TARO.username, HANAKO.password).await, "wrong password");
-    assert_invalid(ldap.authenticate("s9999999", TARO.password).await, "unknown user");
+    assert_invalid(
+        ldap.authenticate(TARO.username, HANAKO.password).await,
+        "wrong password",
+    );
+    assert_invalid(
+        ldap.authenticate("s9999999", TARO.password).await,
+        "unknown user",
+    );
 }
 
 #[tokio::test]
@@ -116,15 +134,29 @@ async fn wrong_password_unknown_user_and_empty_password_are_invalid_credentials(
     let slapd = Slapd::start().await;
     for config in [slapd.search_config(), slapd.template_config()] {
         let ldap = directory(&config);
-        assert_invalid(ldap.authenticate(TARO.username, "wrong-password").await, "wrong password");
-        assert_invalid(ldap.authenticate(TARO.username, HANAKO.password).await, "another's password");
-        assert_invalid(ldap.authenticate("s9999999", TARO.password).await, "unknown user");
-        assert_invalid(ldap.authenticate("nidan", "service-secret").await, "the service account");
+        assert_invalid(
+            ldap.authenticate(TARO.username, "wrong-password").await,
+            "wrong password",
+        );
+        assert_invalid(
+            ldap.authenticate(TARO.username, HANAKO.password).await,
+            "another's password",
+        );
+        assert_invalid(
+            ldap.authenticate("s9999999", TARO.password).await,
+            "unknown user",
+        );
+        assert_invalid(
+            ldap.authenticate("nidan", "service-secret").await,
+            "the service account",
+        );
         // An empty password would be an unauthenticated bind: refused before asking.
         assert_invalid(ldap.authenticate(TARO.username, "").await, "empty password");
         assert_invalid(ldap.authenticate("", TARO.password).await, "empty user ID");
         // The directory is still fine afterwards.
-        ldap.authenticate(TARO.username, TARO.password).await.expect("Taro signs in");
+        ldap.authenticate(TARO.username, TARO.password)
+            .await
+            .expect("Taro signs in");
     }
 }
 
@@ -151,7 +183,11 @@ async fn injection_attempts_fail_plainly_and_never_match_another_entry() {
 async fn lookup_finds_students_with_the_service_account() {
     let slapd = Slapd::start().await;
     let ldap = directory(&slapd.search_config());
-    let taro = ldap.lookup(TARO.username).await.unwrap().expect("Taro is there");
+    let taro = ldap
+        .lookup(TARO.username)
+        .await
+        .unwrap()
+        .expect("Taro is there");
     assert_taro(&slapd, &taro);
     assert!(ldap.lookup("s9999999").await.unwrap().is_none());
 
@@ -162,7 +198,14 @@ async fn lookup_finds_students_with_the_service_account() {
         ..slapd.template_config()
     };
     let ldap = directory(&config);
-    assert_taro(&slapd, &ldap.lookup(TARO.username).await.unwrap().expect("Taro is there"));
+    assert_taro(
+        &slapd,
+        &ldap
+            .lookup(TARO.username)
+            .await
+            .unwrap()
+            .expect("Taro is there"),
+    );
     assert!(ldap.lookup("s9999999").await.unwrap().is_none());
     ldap.check().await.expect("the directory is ready");
 }
@@ -172,8 +215,13 @@ async fn check_answers_when_the_directory_does() {
     let mut slapd = Slapd::start().await;
     let ldap = directory(&slapd.search_config());
     ldap.check().await.expect("ready");
-    ldap.check().await.expect("ready again, on the kept connection");
-    directory(&slapd.template_config()).check().await.expect("anonymous root DSE read");
+    ldap.check()
+        .await
+        .expect("ready again, on the kept connection");
+    directory(&slapd.template_config())
+        .check()
+        .await
+        .expect("anonymous root DSE read");
     slapd.stop();
     assert_unavailable(ldap.check().await, "check after slapd stopped");
 }
@@ -186,7 +234,10 @@ async fn a_refused_service_account_makes_the_directory_unavailable() {
         ..slapd.search_config()
     };
     let ldap = directory(&config);
-    assert_unavailable(ldap.authenticate(TARO.username, TARO.password).await, "authenticate");
+    assert_unavailable(
+        ldap.authenticate(TARO.username, TARO.password).await,
+        "authenticate",
+    );
     assert_unavailable(ldap.lookup(TARO.username).await, "lookup");
     assert_unavailable(ldap.check().await, "check");
 }
@@ -200,7 +251,10 @@ async fn parallel_logins_share_the_service_connections() {
         let ldap = ldap.clone();
         let student = [TARO, HANAKO, ALEX][i % 3];
         tasks.push(tokio::spawn(async move {
-            let ok = ldap.authenticate(student.username, student.password).await.map(|u| u.username);
+            let ok = ldap
+                .authenticate(student.username, student.password)
+                .await
+                .map(|u| u.username);
             let wrong = ldap.authenticate(student.username, "wrong").await;
             (student.username, ok, wrong)
         }));
@@ -220,10 +274,17 @@ async fn a_directory_that_is_down_is_unavailable_at_once() {
     };
     let ldap = directory(&config);
     let started = Instant::now();
-    assert_unavailable(ldap.authenticate(TARO.username, TARO.password).await, "authenticate");
+    assert_unavailable(
+        ldap.authenticate(TARO.username, TARO.password).await,
+        "authenticate",
+    );
     assert_unavailable(ldap.lookup(TARO.username).await, "lookup");
     assert_unavailable(ldap.check().await, "check");
-    assert!(started.elapsed() < config.timeout, "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < config.timeout,
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -234,17 +295,35 @@ async fn a_directory_killed_after_use_is_unavailable_within_the_timeout() {
         directory(&config).check().await.unwrap();
     }
     let ldap = directory(&slapd.search_config());
-    ldap.authenticate(TARO.username, TARO.password).await.expect("Taro signs in");
+    ldap.authenticate(TARO.username, TARO.password)
+        .await
+        .expect("Taro signs in");
     let template = directory(&slapd.template_config());
-    template.authenticate(TARO.username, TARO.password).await.expect("Taro signs in");
+    template
+        .authenticate(TARO.username, TARO.password)
+        .await
+        .expect("Taro signs in");
     slapd.stop();
     let started = Instant::now();
-    assert_unavailable(ldap.authenticate(TARO.username, TARO.password).await, "authenticate");
-    assert_unavailable(ldap.authenticate("s9999999", TARO.password).await, "authenticate unknown");
+    assert_unavailable(
+        ldap.authenticate(TARO.username, TARO.password).await,
+        "authenticate",
+    );
+    assert_unavailable(
+        ldap.authenticate("s9999999", TARO.password).await,
+        "authenticate unknown",
+    );
     assert_unavailable(ldap.lookup(TARO.username).await, "lookup");
     assert_unavailable(ldap.check().await, "check");
-    assert_unavailable(template.authenticate(TARO.username, TARO.password).await, "template authenticate");
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert_unavailable(
+        template.authenticate(TARO.username, TARO.password).await,
+        "template authenticate",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -266,15 +345,24 @@ async fn a_directory_that_never_answers_is_unavailable_within_the_timeout() {
     };
     for config in [search, template, starttls] {
         let ldap = directory(&config);
-        let what = format!("dn_template {:?}, starttls {}", config.dn_template, config.starttls);
+        let what = format!(
+            "dn_template {:?}, starttls {}",
+            config.dn_template, config.starttls
+        );
         let started = Instant::now();
         assert_unavailable(ldap.authenticate(TARO.username, TARO.password).await, &what);
         assert_unavailable(ldap.lookup(TARO.username).await, &what);
         assert_unavailable(ldap.check().await, &what);
         let elapsed = started.elapsed();
         // Three calls, each given up after the timeout (plus a margin for a busy machine).
-        assert!(elapsed >= timeout * 3, "{what}: gave up too early, {elapsed:?}");
-        assert!(elapsed < timeout * 3 + Duration::from_secs(2), "{what}: took {elapsed:?}");
+        assert!(
+            elapsed >= timeout * 3,
+            "{what}: gave up too early, {elapsed:?}"
+        );
+        assert!(
+            elapsed < timeout * 3 + Duration::from_secs(2),
+            "{what}: took {elapsed:?}"
+        );
     }
 }
 
@@ -292,14 +380,63 @@ fn configurations_that_cannot_work_are_refused() {
     let refused = |config: DirectoryConfig, what: &str| {
         assert!(LdapDirectory::new(&config).is_err(), "{what} was accepted");
     };
-    refused(DirectoryConfig { bind_password: Secret::default(), ..base.clone() }, "a bind DN without a password");
-    refused(DirectoryConfig { url: "http://x".into(), ..base.clone() }, "an http URL");
-    refused(DirectoryConfig { url: "ldaps://x".into(), starttls: true, ..base.clone() }, "StartTLS on ldaps");
-    refused(DirectoryConfig { user_filter: "(uid=fixed)".into(), ..base.clone() }, "a filter without {username}");
-    refused(DirectoryConfig { user_filter: "(uid={username}".into(), ..base.clone() }, "a broken filter");
-    refused(DirectoryConfig { base_dn: String::new(), ..base.clone() }, "no base DN");
-    refused(DirectoryConfig { dn_template: "uid=x,dc=y".into(), ..base.clone() }, "a template without {username}");
-    refused(DirectoryConfig { timeout: Duration::ZERO, ..base.clone() }, "a zero timeout");
+    refused(
+        DirectoryConfig {
+            bind_password: Secret::default(),
+            ..base.clone()
+        },
+        "a bind DN without a password",
+    );
+    refused(
+        DirectoryConfig {
+            url: "http://x".into(),
+            ..base.clone()
+        },
+        "an http URL",
+    );
+    refused(
+        DirectoryConfig {
+            url: "ldaps://x".into(),
+            starttls: true,
+            ..base.clone()
+        },
+        "StartTLS on ldaps",
+    );
+    refused(
+        DirectoryConfig {
+            user_filter: "(uid=fixed)".into(),
+            ..base.clone()
+        },
+        "a filter without {username}",
+    );
+    refused(
+        DirectoryConfig {
+            user_filter: "(uid={username}".into(),
+            ..base.clone()
+        },
+        "a broken filter",
+    );
+    refused(
+        DirectoryConfig {
+            base_dn: String::new(),
+            ..base.clone()
+        },
+        "no base DN",
+    );
+    refused(
+        DirectoryConfig {
+            dn_template: "uid=x,dc=y".into(),
+            ..base.clone()
+        },
+        "a template without {username}",
+    );
+    refused(
+        DirectoryConfig {
+            timeout: Duration::ZERO,
+            ..base.clone()
+        },
+        "a zero timeout",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,7 +457,9 @@ async fn a_student_signs_in_over_http_with_claims_from_ldap() {
     // A wrong university password shows the login page again.
     let browser = app.browser();
     let page = browser.open(&Authz::new("rp-basic").url(&app.issuer)).await;
-    let wrong = browser.submit_login(&page, TARO.username, "wrong-password", "").await;
+    let wrong = browser
+        .submit_login(&page, TARO.username, "wrong-password", "")
+        .await;
     assert!(wrong.is_login_page(), "{wrong:?}");
 
     let tokens = app.tokens_for("rp-basic", &student, Level::Password).await;

@@ -78,7 +78,10 @@ impl AttributeDescription {
     fn parse(text: &str) -> Self {
         let mut parts = text.trim().split(';');
         let name = parts.next().unwrap_or_default().to_ascii_lowercase();
-        let options = parts.filter(|o| !o.is_empty()).map(str::to_ascii_lowercase).collect();
+        let options = parts
+            .filter(|o| !o.is_empty())
+            .map(str::to_ascii_lowercase)
+            .collect();
         Self { name, options }
     }
 }
@@ -97,7 +100,12 @@ enum Locator {
     Search { base_dn: String, filter: String },
     /// Bind with `dn_template` filled in; `is_dn` says whether it is a DN (read the entry at that DN)
     /// or an Active Directory logon name (search under `base_dn` with `filter` as the student).
-    Template { template: String, is_dn: bool, base_dn: String, filter: String },
+    Template {
+        template: String,
+        is_dn: bool,
+        base_dn: String,
+        filter: String,
+    },
 }
 
 /// What a search for one student found.
@@ -144,7 +152,10 @@ impl LdapDirectory {
             .with_context(|| format!("directory.url {:?} is not a URL", config.url))?;
         match url.scheme() {
             "ldap" | "ldapi" => {}
-            "ldaps" => ensure!(!config.starttls, "directory.starttls cannot be used with ldaps://"),
+            "ldaps" => ensure!(
+                !config.starttls,
+                "directory.starttls cannot be used with ldaps://"
+            ),
             other => bail!("directory.url must be ldap://, ldaps:// or ldapi://, not {other}://"),
         }
         if !config.tls_ca_file.is_empty() {
@@ -152,8 +163,14 @@ impl LdapDirectory {
             // link directly yet; refuse rather than silently trust the system roots only.
             bail!("directory.tls_ca_file is not supported by this build yet; add the CA to the system trust store");
         }
-        ensure!(!config.timeout.is_zero(), "directory.timeout must be more than zero");
-        ensure!(!config.id_attribute.trim().is_empty(), "directory.id_attribute is required");
+        ensure!(
+            !config.timeout.is_zero(),
+            "directory.timeout must be more than zero"
+        );
+        ensure!(
+            !config.id_attribute.trim().is_empty(),
+            "directory.id_attribute is required"
+        );
         let service = if config.bind_dn.trim().is_empty() {
             None
         } else {
@@ -162,7 +179,10 @@ impl LdapDirectory {
                 !config.bind_password.expose().is_empty(),
                 "directory.bind_password_file is required with directory.bind_dn"
             );
-            Some((config.bind_dn.trim().to_string(), config.bind_password.clone()))
+            Some((
+                config.bind_dn.trim().to_string(),
+                config.bind_password.clone(),
+            ))
         };
         let filter = if config.user_filter.trim().is_empty() {
             String::new()
@@ -172,16 +192,30 @@ impl LdapDirectory {
                 filter.contains("{username}"),
                 "directory.user_filter must contain {{username}}"
             );
-            let filter = if filter.starts_with('(') { filter.to_string() } else { format!("({filter})") };
+            let filter = if filter.starts_with('(') {
+                filter.to_string()
+            } else {
+                format!("({filter})")
+            };
             let filter = format!("(&(objectClass=*){filter})");
-            ldap3::parse_filter(filter.replace("{username}", "x"))
-                .map_err(|_| anyhow::anyhow!("directory.user_filter {:?} is not an LDAP filter", config.user_filter))?;
+            ldap3::parse_filter(filter.replace("{username}", "x")).map_err(|_| {
+                anyhow::anyhow!(
+                    "directory.user_filter {:?} is not an LDAP filter",
+                    config.user_filter
+                )
+            })?;
             filter
         };
         let base_dn = config.base_dn.trim().to_string();
         let locator = if config.dn_template.trim().is_empty() {
-            ensure!(!base_dn.is_empty(), "directory.base_dn is required (or directory.dn_template)");
-            ensure!(!filter.is_empty(), "directory.user_filter is required (or directory.dn_template)");
+            ensure!(
+                !base_dn.is_empty(),
+                "directory.base_dn is required (or directory.dn_template)"
+            );
+            ensure!(
+                !filter.is_empty(),
+                "directory.user_filter is required (or directory.dn_template)"
+            );
             Locator::Search { base_dn, filter }
         } else {
             let template = config.dn_template.trim().to_string();
@@ -194,7 +228,12 @@ impl LdapDirectory {
                 is_dn || (!base_dn.is_empty() && !filter.is_empty()),
                 "a directory.dn_template that is not a DN (an Active Directory logon name) needs base_dn and user_filter"
             );
-            Locator::Template { template, is_dn, base_dn, filter }
+            Locator::Template {
+                template,
+                is_dn,
+                base_dn,
+                filter,
+            }
         };
         let claims = config
             .claims
@@ -206,10 +245,15 @@ impl LdapDirectory {
                 single: SINGLE_VALUED.contains(&claim.split('#').next().unwrap_or_default()),
             })
             .collect::<Vec<_>>();
-        let mut attributes: Vec<String> = vec![config.id_attribute.trim().to_string(), USER_ACCOUNT_CONTROL.into()];
+        let mut attributes: Vec<String> = vec![
+            config.id_attribute.trim().to_string(),
+            USER_ACCOUNT_CONTROL.into(),
+        ];
         for attribute in config.claims.values() {
             let attribute = attribute.trim();
-            if !attribute.is_empty() && !attributes.iter().any(|a| a.eq_ignore_ascii_case(attribute)) {
+            if !attribute.is_empty()
+                && !attributes.iter().any(|a| a.eq_ignore_ascii_case(attribute))
+            {
                 attributes.push(attribute.to_string());
             }
         }
@@ -287,7 +331,12 @@ impl LdapDirectory {
     }
 
     /// Searches as the service account; a stale idle connection is replaced once.
-    async fn service_search(&self, base: &str, scope: Scope, filter: &str) -> Result<Found, DirectoryError> {
+    async fn service_search(
+        &self,
+        base: &str,
+        scope: Scope,
+        filter: &str,
+    ) -> Result<Found, DirectoryError> {
         loop {
             let (mut ldap, reused) = self.service_connection().await?;
             match search(&mut ldap, base, scope, filter, &self.attributes).await {
@@ -305,11 +354,23 @@ impl LdapDirectory {
     /// Finds the student's entry as the service account.
     async fn find(&self, username: &str) -> Result<Found, DirectoryError> {
         match &self.locator {
-            Locator::Search { base_dn, filter } | Locator::Template { is_dn: false, base_dn, filter, .. } => {
-                self.service_search(base_dn, Scope::Subtree, &fill_filter(filter, username)).await
+            Locator::Search { base_dn, filter }
+            | Locator::Template {
+                is_dn: false,
+                base_dn,
+                filter,
+                ..
+            } => {
+                self.service_search(base_dn, Scope::Subtree, &fill_filter(filter, username))
+                    .await
             }
-            Locator::Template { template, is_dn: true, .. } => {
-                self.service_search(&fill_dn(template, username), Scope::Base, "(objectClass=*)").await
+            Locator::Template {
+                template,
+                is_dn: true,
+                ..
+            } => {
+                self.service_search(&fill_dn(template, username), Scope::Base, "(objectClass=*)")
+                    .await
             }
         }
     }
@@ -329,7 +390,11 @@ impl LdapDirectory {
         Ok(ldap)
     }
 
-    async fn authenticate_by_search(&self, username: &str, password: &str) -> Result<DirectoryUser, DirectoryError> {
+    async fn authenticate_by_search(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<DirectoryUser, DirectoryError> {
         let entry = match self.find(username).await? {
             Found::One(entry) => entry,
             Found::None | Found::Many => {
@@ -367,10 +432,31 @@ impl LdapDirectory {
         let mut ldap = self.bind_as_student(&name, password).await?;
         // Read the entry as the student just bound.
         let found = match &self.locator {
-            Locator::Template { is_dn: false, base_dn, filter, .. } => {
-                search(&mut ldap, base_dn, Scope::Subtree, &fill_filter(filter, username), &self.attributes).await
+            Locator::Template {
+                is_dn: false,
+                base_dn,
+                filter,
+                ..
+            } => {
+                search(
+                    &mut ldap,
+                    base_dn,
+                    Scope::Subtree,
+                    &fill_filter(filter, username),
+                    &self.attributes,
+                )
+                .await
             }
-            _ => search(&mut ldap, &name, Scope::Base, "(objectClass=*)", &self.attributes).await,
+            _ => {
+                search(
+                    &mut ldap,
+                    &name,
+                    Scope::Base,
+                    "(objectClass=*)",
+                    &self.attributes,
+                )
+                .await
+            }
         }
         .map_err(SearchError::into_directory_error)?;
         let _ = ldap.unbind().await;
@@ -385,11 +471,19 @@ impl LdapDirectory {
     fn record_bind_time(&self, elapsed: Duration) {
         let sample = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         let old = self.bind_micros.load(Ordering::Relaxed);
-        let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
         self.bind_micros.store(new, Ordering::Relaxed);
     }
 
-    fn to_user(&self, username: &str, entry: &SearchEntry) -> Result<DirectoryUser, DirectoryError> {
+    fn to_user(
+        &self,
+        username: &str,
+        entry: &SearchEntry,
+    ) -> Result<DirectoryUser, DirectoryError> {
         let id = entry_id(entry, &self.id_attribute).ok_or_else(|| {
             DirectoryError::Unavailable(format!(
                 "the entry of {username} has no usable {} (directory.id_attribute)",
@@ -406,15 +500,22 @@ impl LdapDirectory {
 
 #[async_trait]
 impl UserDirectory for LdapDirectory {
-    async fn authenticate(&self, username: &str, password: &str) -> Result<DirectoryUser, DirectoryError> {
+    async fn authenticate(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<DirectoryUser, DirectoryError> {
         if username.is_empty() || password.is_empty() {
             return Err(DirectoryError::InvalidCredentials);
         }
         self.within_timeout(async {
             match &self.locator {
                 Locator::Search { .. } => self.authenticate_by_search(username, password).await,
-                Locator::Template { template, is_dn, .. } => {
-                    self.authenticate_by_template(username, password, template, *is_dn).await
+                Locator::Template {
+                    template, is_dn, ..
+                } => {
+                    self.authenticate_by_template(username, password, template, *is_dn)
+                        .await
                 }
             }
         })
@@ -425,14 +526,21 @@ impl UserDirectory for LdapDirectory {
         if username.is_empty() {
             return Ok(None);
         }
-        if let Locator::Template { template, is_dn: false, .. } = &self.locator {
+        if let Locator::Template {
+            template,
+            is_dn: false,
+            ..
+        } = &self.locator
+        {
             if fill_logon_name(template, username).is_none() {
                 return Ok(None);
             }
         }
         self.within_timeout(async {
             match self.find(username).await? {
-                Found::One(entry) if !ad_disabled(&entry) => self.to_user(username, &entry).map(Some),
+                Found::One(entry) if !ad_disabled(&entry) => {
+                    self.to_user(username, &entry).map(Some)
+                }
                 _ => Ok(None),
             }
         })
@@ -444,7 +552,12 @@ impl UserDirectory for LdapDirectory {
         self.within_timeout(async {
             let (mut ldap, _) = self.service_connection().await?;
             let result = ldap
-                .search("", Scope::Base, "(objectClass=*)", vec!["supportedLDAPVersion"])
+                .search(
+                    "",
+                    Scope::Base,
+                    "(objectClass=*)",
+                    vec!["supportedLDAPVersion"],
+                )
                 .await
                 .map_err(|e| unavailable("root DSE read", e))?;
             if matches!(result.1.rc, 0 | 32 | 50) {
@@ -528,7 +641,9 @@ fn bind_outcome(rc: u32, text: &str) -> Result<(), DirectoryError> {
             _ => DirectoryError::InvalidCredentials,
         }),
         // timeLimitExceeded, adminLimitExceeded, busy, unavailable, other: the directory's trouble.
-        3 | 11 | 51 | 52 | 80 => Err(DirectoryError::Unavailable(format!("bind answered {rc}: {text}"))),
+        3 | 11 | 51 | 52 | 80 => Err(DirectoryError::Unavailable(format!(
+            "bind answered {rc}: {text}"
+        ))),
         // Anything else (invalid DN syntax, unwilling to perform, …) is a failed login.
         _ => Err(DirectoryError::InvalidCredentials),
     }
@@ -538,7 +653,10 @@ fn bind_outcome(rc: u32, text: &str) -> Result<(), DirectoryError> {
 fn ad_bind_data(text: &str) -> Option<String> {
     let lower = text.to_ascii_lowercase();
     lower.match_indices("data ").find_map(|(at, _)| {
-        let code: String = lower[at + 5..].chars().take_while(char::is_ascii_alphanumeric).collect();
+        let code: String = lower[at + 5..]
+            .chars()
+            .take_while(char::is_ascii_alphanumeric)
+            .collect();
         (!code.is_empty()).then_some(code)
     })
 }
@@ -560,12 +678,16 @@ fn fill_dn(template: &str, username: &str) -> String {
 /// An Active Directory logon name from the template, or `None` for a user ID that could make it
 /// name someone else (a logon name has no escaping).
 fn fill_logon_name(template: &str, username: &str) -> Option<String> {
-    let unsafe_char = |c: char| c.is_control() || c.is_whitespace() || "\\/@,;:+=\"<>#*()[]|?".contains(c);
+    let unsafe_char =
+        |c: char| c.is_control() || c.is_whitespace() || "\\/@,;:+=\"<>#*()[]|?".contains(c);
     (!username.chars().any(unsafe_char)).then(|| template.replace("{username}", username))
 }
 
 /// The values of the attribute described by `wanted`, text and binary.
-fn values<'a>(entry: &'a SearchEntry, wanted: &AttributeDescription) -> (Vec<&'a str>, Vec<&'a [u8]>) {
+fn values<'a>(
+    entry: &'a SearchEntry,
+    wanted: &AttributeDescription,
+) -> (Vec<&'a str>, Vec<&'a [u8]>) {
     let text = entry
         .attrs
         .iter()
@@ -584,7 +706,10 @@ fn values<'a>(entry: &'a SearchEntry, wanted: &AttributeDescription) -> (Vec<&'a
 fn entry_id(entry: &SearchEntry, id_attribute: &AttributeDescription) -> Option<String> {
     let (text, binary) = values(entry, id_attribute);
     if id_attribute.name == "objectguid" {
-        let bytes = binary.first().copied().or_else(|| text.first().map(|t| t.as_bytes()))?;
+        let bytes = binary
+            .first()
+            .copied()
+            .or_else(|| text.first().map(|t| t.as_bytes()))?;
         return format_guid(bytes);
     }
     if let Some(text) = text.first().map(|t| t.trim()).filter(|t| !t.is_empty()) {
@@ -619,7 +744,11 @@ fn map_claims(entry: &SearchEntry, mappings: &[ClaimMapping]) -> Map<String, Val
             [] => continue,
             [first, ..] if mapping.single => Value::String((*first).to_string()),
             [only] => Value::String((*only).to_string()),
-            many => Value::Array(many.iter().map(|v| Value::String((*v).to_string())).collect()),
+            many => Value::Array(
+                many.iter()
+                    .map(|v| Value::String((*v).to_string()))
+                    .collect(),
+            ),
         };
         claims.insert(mapping.claim.clone(), value);
     }
@@ -646,7 +775,10 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
                 .collect(),
-            bin_attrs: bin.iter().map(|(k, v)| (k.to_string(), vec![v.clone()])).collect::<HashMap<_, _>>(),
+            bin_attrs: bin
+                .iter()
+                .map(|(k, v)| (k.to_string(), vec![v.clone()]))
+                .collect::<HashMap<_, _>>(),
         }
     }
 
@@ -661,7 +793,11 @@ mod tests {
     #[test]
     fn options_match_exactly_in_any_order_and_case() {
         let e = entry(
-            &[("sn", &["Gakusei"]), ("sn;lang-ja", &["学生"]), ("sn;phonetic;lang-ja", &["ガクセイ"])],
+            &[
+                ("sn", &["Gakusei"]),
+                ("sn;lang-ja", &["学生"]),
+                ("sn;phonetic;lang-ja", &["ガクセイ"]),
+            ],
             &[],
         );
         let claims = map_claims(
@@ -679,27 +815,45 @@ mod tests {
 
     #[test]
     fn multiple_values_are_first_for_names_and_arrays_otherwise() {
-        let e = entry(&[("cn", &["A", "B"]), ("eduPersonAffiliation", &["student", "member"]), ("ou", &["x"])], &[]);
+        let e = entry(
+            &[
+                ("cn", &["A", "B"]),
+                ("eduPersonAffiliation", &["student", "member"]),
+                ("ou", &["x"]),
+            ],
+            &[],
+        );
         let claims = map_claims(
             &e,
-            &[mapping("name", "cn"), mapping("affiliation", "eduPersonAffiliation"), mapping("dept", "ou")],
+            &[
+                mapping("name", "cn"),
+                mapping("affiliation", "eduPersonAffiliation"),
+                mapping("dept", "ou"),
+            ],
         );
         assert_eq!(claims["name"], "A");
-        assert_eq!(claims["affiliation"], serde_json::json!(["student", "member"]));
+        assert_eq!(
+            claims["affiliation"],
+            serde_json::json!(["student", "member"])
+        );
         assert_eq!(claims["dept"], "x");
     }
 
     #[test]
     fn object_guid_is_the_windows_guid_string() {
         let guid = vec![
-            0xe0, 0x04, 0x25, 0x3f, 0x89, 0x4f, 0xd3, 0x11, 0x9a, 0x0c, 0x03, 0x05, 0xe8, 0x2c, 0x33, 0x01,
+            0xe0, 0x04, 0x25, 0x3f, 0x89, 0x4f, 0xd3, 0x11, 0x9a, 0x0c, 0x03, 0x05, 0xe8, 0x2c,
+            0x33, 0x01,
         ];
         let e = entry(&[], &[("objectGUID", guid)]);
         assert_eq!(
             entry_id(&e, &AttributeDescription::parse("objectGUID")).as_deref(),
             Some("3f2504e0-4f89-11d3-9a0c-0305e82c3301")
         );
-        let e = entry(&[("entryUUID", &["6a1d2c3e-1111-2222-3333-444455556666"])], &[]);
+        let e = entry(
+            &[("entryUUID", &["6a1d2c3e-1111-2222-3333-444455556666"])],
+            &[],
+        );
         assert_eq!(
             entry_id(&e, &AttributeDescription::parse("entryUUID")).as_deref(),
             Some("6a1d2c3e-1111-2222-3333-444455556666")
@@ -708,32 +862,76 @@ mod tests {
 
     #[test]
     fn active_directory_bind_answers() {
-        let text = |code: &str| format!("80090308: LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, data {code}, v4563");
-        assert!(matches!(bind_outcome(49, &text("532")), Err(DirectoryError::PasswordExpired)));
-        assert!(matches!(bind_outcome(49, &text("773")), Err(DirectoryError::PasswordExpired)));
-        assert!(matches!(bind_outcome(49, &text("533")), Err(DirectoryError::Disabled)));
-        assert!(matches!(bind_outcome(49, &text("775")), Err(DirectoryError::Disabled)));
-        assert!(matches!(bind_outcome(49, &text("52e")), Err(DirectoryError::InvalidCredentials)));
-        assert!(matches!(bind_outcome(49, &text("5320")), Err(DirectoryError::InvalidCredentials)));
-        assert!(matches!(bind_outcome(49, ""), Err(DirectoryError::InvalidCredentials)));
-        assert!(matches!(bind_outcome(51, "busy"), Err(DirectoryError::Unavailable(_))));
-        assert!(matches!(bind_outcome(34, "invalid DN"), Err(DirectoryError::InvalidCredentials)));
+        let text = |code: &str| {
+            format!("80090308: LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, data {code}, v4563")
+        };
+        assert!(matches!(
+            bind_outcome(49, &text("532")),
+            Err(DirectoryError::PasswordExpired)
+        ));
+        assert!(matches!(
+            bind_outcome(49, &text("773")),
+            Err(DirectoryError::PasswordExpired)
+        ));
+        assert!(matches!(
+            bind_outcome(49, &text("533")),
+            Err(DirectoryError::Disabled)
+        ));
+        assert!(matches!(
+            bind_outcome(49, &text("775")),
+            Err(DirectoryError::Disabled)
+        ));
+        assert!(matches!(
+            bind_outcome(49, &text("52e")),
+            Err(DirectoryError::InvalidCredentials)
+        ));
+        assert!(matches!(
+            bind_outcome(49, &text("5320")),
+            Err(DirectoryError::InvalidCredentials)
+        ));
+        assert!(matches!(
+            bind_outcome(49, ""),
+            Err(DirectoryError::InvalidCredentials)
+        ));
+        assert!(matches!(
+            bind_outcome(51, "busy"),
+            Err(DirectoryError::Unavailable(_))
+        ));
+        assert!(matches!(
+            bind_outcome(34, "invalid DN"),
+            Err(DirectoryError::InvalidCredentials)
+        ));
         assert!(bind_outcome(0, "").is_ok());
     }
 
     #[test]
     fn user_ids_are_escaped() {
-        assert_eq!(fill_filter("(uid={username})", "*)(uid=*"), "(uid=\\2a\\29\\28uid=\\2a)");
+        assert_eq!(
+            fill_filter("(uid={username})", "*)(uid=*"),
+            "(uid=\\2a\\29\\28uid=\\2a)"
+        );
         assert_eq!(fill_filter("(uid={username})", "a\0b"), "(uid=a\\00b)");
-        assert_eq!(fill_dn("uid={username},ou=people", "a,ou=x+cn=y"), "uid=a\\2cou\\3dx\\2bcn\\3dy,ou=people");
-        assert_eq!(fill_logon_name("{username}@ad.example", "s2401001").as_deref(), Some("s2401001@ad.example"));
+        assert_eq!(
+            fill_dn("uid={username},ou=people", "a,ou=x+cn=y"),
+            "uid=a\\2cou\\3dx\\2bcn\\3dy,ou=people"
+        );
+        assert_eq!(
+            fill_logon_name("{username}@ad.example", "s2401001").as_deref(),
+            Some("s2401001@ad.example")
+        );
         assert_eq!(fill_logon_name("{username}@ad.example", "a@evil"), None);
     }
 
     #[test]
     fn disabled_active_directory_accounts() {
-        assert!(ad_disabled(&entry(&[("userAccountControl", &["514"])], &[])));
-        assert!(!ad_disabled(&entry(&[("userAccountControl", &["512"])], &[])));
+        assert!(ad_disabled(&entry(
+            &[("userAccountControl", &["514"])],
+            &[]
+        )));
+        assert!(!ad_disabled(&entry(
+            &[("userAccountControl", &["512"])],
+            &[]
+        )));
         assert!(!ad_disabled(&entry(&[], &[])));
     }
 }

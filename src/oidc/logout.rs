@@ -28,16 +28,11 @@ pub async fn logout(
     let locale = state.locale_for(&headers, params.get("lang"), params.get("ui_locales"));
     let bad = |detail: &str| PageError::bad_request("error_invalid_request", detail).in_locale(locale);
 
-    let hint = match params.get("id_token_hint") {
-        Some(token) => {
-            let claims = state.current_keys().verify_own(token).ok_or_else(|| bad("invalid id_token_hint"))?;
-            if claims.get("iss").and_then(Value::as_str) != Some(state.config.issuer.as_str()) {
-                return Err(bad("invalid id_token_hint"));
-            }
-            Some(claims)
-        }
-        None => None,
-    };
+    // A hint that does not verify counts as no hint: the student is asked to confirm.
+    let hint = params.get("id_token_hint").and_then(|token| {
+        let claims = state.current_keys().verify_own(token)?;
+        (claims.get("iss").and_then(Value::as_str) == Some(state.config.issuer.as_str())).then_some(claims)
+    });
     let hint_audience = hint.as_ref().and_then(|c| match c.get("aud") {
         Some(Value::String(a)) => Some(a.clone()),
         Some(Value::Array(a)) => a.first().and_then(Value::as_str).map(str::to_string),

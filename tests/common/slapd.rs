@@ -120,14 +120,22 @@ impl Slapd {
         std::fs::write(root.join("entries.ldif"), ENTRIES).unwrap();
         // Loaded offline: slapadd keeps the order of values and adds entryUUID itself.
         let slapadd = slapd.with_file_name("slapadd");
-        let out = Command::new(if slapadd.exists() { slapadd } else { "slapadd".into() })
-            .arg("-f")
-            .arg(&conf)
-            .arg("-l")
-            .arg(root.join("entries.ldif"))
-            .output()
-            .expect("slapadd runs (apt-get install slapd)");
-        assert!(out.status.success(), "slapadd failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(if slapadd.exists() {
+            slapadd
+        } else {
+            "slapadd".into()
+        })
+        .arg("-f")
+        .arg(&conf)
+        .arg("-l")
+        .arg(root.join("entries.ldif"))
+        .output()
+        .expect("slapadd runs (apt-get install slapd)");
+        assert!(
+            out.status.success(),
+            "slapadd failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
 
         // Another test may take the port between our probe and slapd's bind: try a few.
         let mut last_log = String::new();
