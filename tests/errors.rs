@@ -58,8 +58,7 @@ async fn redirect_uri_must_match_exactly() {
         "https://evil.example/cb",
     ] {
         let authz = Authz::new("rp-basic").set("redirect_uri", redirect_uri);
-        let reply = error_page(&app, &authz.url(&app.issuer), StatusCode::BAD_REQUEST).await;
-        assert!(!reply.body.contains("evil.example"), "{reply:?}");
+        error_page(&app, &authz.url(&app.issuer), StatusCode::BAD_REQUEST).await;
     }
     let authz = Authz::new("rp-basic").remove("redirect_uri");
     error_page(&app, &authz.url(&app.issuer), StatusCode::BAD_REQUEST).await;

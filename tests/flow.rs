@@ -469,10 +469,10 @@ async fn pairwise_clients_see_their_own_sub() {
     let public = app
         .tokens_with(&browser, Authz::new("rp-basic"), &TARO, Level::Password)
         .await;
+    // The browser's session answers the second client at once.
     let authz = Authz::new("rp-pairwise").set("scope", "openid profile");
-    let pairwise = app
-        .tokens_with(&browser, authz.clone(), &TARO, Level::Password)
-        .await;
+    let code = browser.get(&authz.url(&app.issuer)).await.code();
+    let pairwise = app.exchange(&authz, &code).await;
     let (public_sub, pairwise_sub) = (public.id_claims()["sub"].clone(), pairwise.id_claims()["sub"].clone());
     assert_ne!(public_sub, pairwise_sub);
     let userinfo = app.userinfo(&pairwise.access_token).await.json();
@@ -498,4 +498,120 @@ async fn login_page_without_a_pending_request_leads_to_the_account_page() {
     assert_eq!(account.status, StatusCode::OK, "{account:?}");
     let anonymous = app.browser().get("/account").await;
     assert!(anonymous.is_redirect_to("/login"), "{anonymous:?}");
+}
+
+#[tokio::test]
+async fn essential_acr_claim_asks_for_the_step_up() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    app.tokens_with(&browser, Authz::new("rp-basic"), &TARO, Level::Password)
+        .await;
+    let claims = json!({ "id_token": { "acr": { "essential": true, "values": [ACR_SECOND_PASSWORD] } } });
+    let authz = Authz::new("rp-basic").set("claims", &claims.to_string());
+    let page = browser.open(&authz.url(&app.issuer)).await;
+    assert!(page.is_step_up_page(), "{page:?}");
+    let reply = browser
+        .submit_step_up(&page, TARO.second_password.unwrap())
+        .await;
+    let tokens = app.exchange(&authz, &reply.code()).await;
+    assert_eq!(tokens.id_claims()["acr"], ACR_SECOND_PASSWORD);
+}
+
+#[tokio::test]
+async fn the_lowest_listed_acr_the_session_meets_is_enough() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    app.tokens_with(&browser, Authz::new("rp-basic"), &TARO, Level::Password)
+        .await;
+    let both = format!("{ACR_SECOND_PASSWORD} {ACR_PASSWORD}");
+    let authz = Authz::new("rp-basic").set("acr_values", &both);
+    let code = browser.get(&authz.url(&app.issuer)).await.code();
+    let tokens = app.exchange(&authz, &code).await;
+    assert_eq!(tokens.id_claims()["acr"], ACR_PASSWORD);
+}
+
+#[tokio::test]
+async fn a_second_password_session_answers_password_level_clients_at_its_level() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    app.tokens_with(&browser, Authz::new("rp-basic"), &TARO, Level::SecondPassword)
+        .await;
+    let authz = Authz::new("rp-other");
+    let code = browser.get(&authz.url(&app.issuer)).await.code();
+    let tokens = app.exchange(&authz, &code).await;
+    assert_eq!(tokens.id_claims()["acr"], ACR_SECOND_PASSWORD);
+}
+
+#[tokio::test]
+async fn session_cookie_changes_at_login_and_step_up_but_sid_stays() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    let first = app
+        .tokens_with(&browser, Authz::new("rp-basic"), &TARO, Level::Password)
+        .await;
+    let cookie_1 = browser.cookie("nidan_session").expect("a session cookie");
+
+    let authz = Authz::new("rp-basic").set("acr_values", ACR_SECOND_PASSWORD);
+    let page = browser.open(&authz.url(&app.issuer)).await;
+    let reply = browser
+        .submit_step_up(&page, TARO.second_password.unwrap())
+        .await;
+    let stepped = app.exchange(&authz, &reply.code()).await;
+    let cookie_2 = browser.cookie("nidan_session").unwrap();
+    assert_ne!(cookie_1, cookie_2, "a new cookie value at the step-up");
+
+    let authz = Authz::new("rp-basic").set("prompt", "login");
+    let page = browser.open(&authz.url(&app.issuer)).await;
+    let reply = browser
+        .submit_login(&page, TARO.username, TARO.password, "")
+        .await;
+    let again = app.exchange(&authz, &reply.code()).await;
+    let cookie_3 = browser.cookie("nidan_session").unwrap();
+    assert_ne!(cookie_2, cookie_3, "a new cookie value at every login");
+
+    let sid = first.id_claims()["sid"].clone();
+    assert_eq!(stepped.id_claims()["sid"], sid);
+    assert_eq!(again.id_claims()["sid"], sid);
+
+    // The old cookie values no longer open the session.
+    let stale = app.browser();
+    stale.set_cookie("nidan_session", &cookie_1);
+    let page = stale.open(&Authz::new("rp-basic").url(&app.issuer)).await;
+    assert!(page.is_login_page(), "{page:?}");
+}
+
+#[tokio::test]
+async fn pending_request_lives_at_least_an_hour() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    let authz = Authz::new("rp-basic");
+    let page = browser.open(&authz.url(&app.issuer)).await;
+    app.advance(61 * 60);
+    let reply = browser
+        .submit_login(&page, TARO.username, TARO.password, "")
+        .await;
+    app.exchange(&authz, &reply.code()).await;
+}
+
+#[tokio::test]
+async fn sso_false_clients_always_get_a_fresh_login() {
+    let app = TestApp::builder(Backend::Sqlite)
+        .client(TestClient {
+            client_id: "rp-kiosk",
+            secret: Some("kiosk-secret-0123456789abcdef"),
+            settings: json!({
+                "client_id": "rp-kiosk",
+                "redirect_uris": [REDIRECT_URI],
+                "token_endpoint_auth_method": "client_secret_basic",
+                "scopes": ["openid", "profile", "email", "student"],
+                "sso": false,
+            }),
+        })
+        .build()
+        .await;
+    let browser = app.browser();
+    app.tokens_with(&browser, Authz::new("rp-basic"), &TARO, Level::Password)
+        .await;
+    let page = browser.open(&Authz::new("rp-kiosk").url(&app.issuer)).await;
+    assert!(page.is_login_page(), "a shared terminal never reuses a session: {page:?}");
 }

@@ -100,6 +100,8 @@ async fn rotation_now_signs_with_the_new_key_at_once() {
     let state = &app.server.state;
     let before = reload(&app).await;
     let old_kid = signing_kid(&before, &app, "EdDSA");
+    // A second later than the first key (keys of the same second tie on active_from).
+    app.advance(1);
     let new = nidan::keys::rotate(&state.store, &state.kek, "EdDSA", app.now(), 0, 900)
         .await
         .unwrap();

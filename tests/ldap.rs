@@ -208,6 +208,11 @@ async fn lookup_finds_students_with_the_service_account() {
     );
     assert!(ldap.lookup("s9999999").await.unwrap().is_none());
     ldap.check().await.expect("the directory is ready");
+
+    // Without a service account a DN template cannot tell a student who is gone from an entry
+    // hidden from anonymous reads: it says so instead of answering "not there".
+    let anonymous = directory(&slapd.template_config());
+    assert_unavailable(anonymous.lookup(TARO.username).await, "anonymous lookup");
 }
 
 #[tokio::test]
@@ -264,6 +269,43 @@ async fn parallel_logins_share_the_service_connections() {
         assert_eq!(ok.expect("signs in"), username);
         assert_invalid(wrong, "wrong password");
     }
+}
+
+#[tokio::test]
+async fn a_certificate_nobody_trusts_is_refused_over_ldaps_and_starttls() {
+    let slapd = Slapd::start_tls().await;
+    let ldaps = DirectoryConfig {
+        url: slapd.ldaps_url.clone().unwrap(),
+        ..slapd.search_config()
+    };
+    let starttls = DirectoryConfig {
+        url: slapd.localhost_url(),
+        starttls: true,
+        ..slapd.search_config()
+    };
+    for config in [ldaps, starttls] {
+        let ldap = directory(&config);
+        for result in [
+            ldap.authenticate(TARO.username, TARO.password)
+                .await
+                .map(|_| ()),
+            ldap.check().await,
+        ] {
+            match result {
+                Err(DirectoryError::Unavailable(why)) => assert!(
+                    why.to_lowercase().contains("certificate") || why.contains("UnknownIssuer"),
+                    "{}: {why}",
+                    config.url
+                ),
+                other => panic!("{}: expected Unavailable, got {other:?}", config.url),
+            }
+        }
+    }
+    // The same server without TLS answers, so the refusal above was the certificate's.
+    directory(&slapd.search_config())
+        .authenticate(TARO.username, TARO.password)
+        .await
+        .expect("Taro signs in over ldap://");
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::json;
 
+use crate::common::backchannel::{Delivery, LogoutReceiver};
 use crate::common::*;
 use crate::on_both_backends;
 
@@ -268,4 +269,173 @@ async fn logout_of_another_students_hint_does_not_end_this_session_silently() {
         .get(&Authz::new("rp-basic").url(&app.issuer))
         .await
         .code();
+}
+
+const BCL_SECRET: &str = "bcl-secret-0123456789abcdef";
+
+/// A client with a back-channel logout URI (with a query, which must be kept as registered).
+fn bcl_client(receiver: &LogoutReceiver) -> TestClient {
+    let uri = format!("{}/backchannel?tenant=a%20b&x=1", receiver.base);
+    TestClient {
+        client_id: "rp-bcl",
+        secret: Some(BCL_SECRET),
+        settings: json!({
+            "client_id": "rp-bcl",
+            "redirect_uris": [REDIRECT_URI],
+            "post_logout_redirect_uris": [POST_LOGOUT_URI],
+            "token_endpoint_auth_method": "client_secret_basic",
+            "grant_types": ["authorization_code", "refresh_token"],
+            "scopes": ["openid", "profile", "email", "student"],
+            "backchannel_logout_uri": uri,
+        }),
+    }
+}
+
+async fn bcl_app(backend: Backend, receiver: &LogoutReceiver) -> TestApp {
+    TestApp::builder(backend)
+        .client(bcl_client(receiver))
+        .build()
+        .await
+}
+
+/// Verifies `jwt` with the key its `kid` names in the published JWKS; its claims.
+async fn verify_with_jwks(app: &TestApp, jwt: &str) -> serde_json::Value {
+    let header = jwt_header(jwt);
+    assert_eq!(header["alg"], "RS256");
+    let jwks = app.get("/jwks").await.json();
+    let key = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == header["kid"])
+        .unwrap_or_else(|| panic!("kid {} is published", header["kid"]))
+        .clone();
+    let jwk = josekit::jwk::Jwk::from_map(key.as_object().unwrap().clone()).unwrap();
+    let verifier = josekit::jws::RS256.verifier_from_jwk(&jwk).unwrap();
+    let (payload, _) = josekit::jwt::decode_with_verifier(jwt, &verifier).expect("a valid signature");
+    serde_json::Value::Object(payload.claims_set().clone())
+}
+
+/// Checks a logout token against the ID token of the session it ends.
+async fn check_logout_token(app: &TestApp, delivery: &Delivery, id_claims: &serde_json::Value) -> String {
+    assert_eq!(delivery.path, "/backchannel");
+    assert_eq!(
+        delivery.query.as_deref(),
+        Some("tenant=a%20b&x=1"),
+        "POSTed to the URI exactly as registered"
+    );
+    assert!(delivery
+        .content_type
+        .as_deref()
+        .is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")));
+    let token = delivery.logout_token.as_deref().expect("a logout_token field");
+    assert_eq!(jwt_header(token)["typ"], "logout+jwt");
+    let claims = verify_with_jwks(app, token).await;
+    assert_eq!(claims["iss"], app.issuer);
+    assert!(claims["aud"] == "rp-bcl" || claims["aud"] == json!(["rp-bcl"]), "{claims}");
+    assert_eq!(claims["sid"], id_claims["sid"]);
+    assert_eq!(claims["sub"], id_claims["sub"]);
+    assert!(claims.get("nonce").is_none(), "{claims}");
+    assert!(claims["events"]
+        .get("http://schemas.openid.net/event/backchannel-logout")
+        .is_some_and(|e| e.is_object()));
+    let (iat, exp) = (claims["iat"].as_i64().unwrap(), claims["exp"].as_i64().unwrap());
+    assert!(exp > iat && exp - iat <= 120, "exp at most 2 minutes ahead: {claims}");
+    claims["jti"].as_str().expect("a jti").to_string()
+}
+
+on_both_backends!(backchannel_logout_reaches_the_client_before_the_answer);
+
+async fn backchannel_logout_reaches_the_client_before_the_answer(backend: Backend) {
+    let receiver = LogoutReceiver::start(0).await;
+    let app = bcl_app(backend, &receiver).await;
+    let browser = app.browser();
+    let tokens = app
+        .tokens_with(&browser, Authz::new("rp-bcl"), &TARO, Level::Password)
+        .await;
+    assert!(receiver.received().await.is_none());
+    let url = logout_url(
+        &app,
+        &[("id_token_hint", tokens.id()), ("post_logout_redirect_uri", POST_LOGOUT_URI)],
+    );
+    let reply = browser.get(&url).await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{reply:?}");
+    let delivery = receiver
+        .received()
+        .await
+        .expect("the logout token was POSTed before the answer");
+    check_logout_token(&app, &delivery, &tokens.id_claims()).await;
+    assert!(receiver.next(1).await.is_none(), "delivered once");
+}
+
+#[tokio::test]
+async fn failed_backchannel_logout_is_retried_with_a_fresh_token() {
+    let receiver = LogoutReceiver::start(1).await;
+    let app = bcl_app(Backend::Sqlite, &receiver).await;
+    let browser = app.browser();
+    let tokens = app
+        .tokens_with(&browser, Authz::new("rp-bcl"), &TARO, Level::Password)
+        .await;
+    let url = logout_url(&app, &[("id_token_hint", tokens.id())]);
+    let reply = browser.get(&url).await;
+    assert!(!reply.status.is_server_error(), "a failing RP does not fail the logout: {reply:?}");
+    assert_signed_out(&app, &browser).await;
+    let first = receiver.received().await.expect("the first attempt");
+    let first_jti = check_logout_token(&app, &first, &tokens.id_claims()).await;
+    app.advance(5);
+    let second = receiver.next(10).await.expect("a retry from the outbox");
+    let second_jti = check_logout_token(&app, &second, &tokens.id_claims()).await;
+    assert_ne!(first_jti, second_jti, "each attempt is signed afresh");
+    assert!(receiver.next(2).await.is_none(), "no more attempts after a success");
+}
+
+#[tokio::test]
+async fn another_student_signing_in_notifies_the_relying_parties() {
+    let receiver = LogoutReceiver::start(0).await;
+    let app = bcl_app(Backend::Sqlite, &receiver).await;
+    let browser = app.browser();
+    let taro = app
+        .tokens_with(&browser, Authz::new("rp-bcl"), &TARO, Level::Password)
+        .await;
+    let authz = Authz::new("rp-basic").set("prompt", "login");
+    let page = browser.open(&authz.url(&app.issuer)).await;
+    let reply = browser
+        .submit_login(&page, JIRO.username, JIRO.password, "")
+        .await;
+    reply.code();
+    let delivery = receiver.received().await.expect("Taro's session ended");
+    check_logout_token(&app, &delivery, &taro.id_claims()).await;
+}
+
+#[tokio::test]
+async fn idle_expiry_ends_only_nidans_session() {
+    let receiver = LogoutReceiver::start(0).await;
+    let app = bcl_app(Backend::Sqlite, &receiver).await;
+    let browser = app.browser();
+    app.tokens_with(&browser, Authz::new("rp-bcl"), &TARO, Level::Password)
+        .await;
+    app.advance(16 * 60);
+    let page = browser.open(&Authz::new("rp-bcl").url(&app.issuer)).await;
+    assert!(page.is_login_page());
+    browser
+        .submit_login(&page, TARO.username, TARO.password, "")
+        .await
+        .code();
+    assert!(receiver.next(1).await.is_none(), "no back-channel logout for an idle expiry");
+}
+
+#[tokio::test]
+async fn id_token_hint_for_another_client_than_client_id_is_refused() {
+    let app = TestApp::sqlite().await;
+    let (browser, tokens) = signed_in(&app).await;
+    let url = logout_url(
+        &app,
+        &[
+            ("id_token_hint", tokens.id()),
+            ("client_id", "rp-other"),
+            ("post_logout_redirect_uri", POST_LOGOUT_URI),
+        ],
+    );
+    let reply = browser.get(&url).await;
+    assert!(reply.is_error_page(StatusCode::BAD_REQUEST), "{reply:?}");
 }

@@ -336,10 +336,11 @@ impl LdapDirectory {
         base: &str,
         scope: Scope,
         filter: &str,
+        attributes: &[String],
     ) -> Result<Found, DirectoryError> {
         loop {
             let (mut ldap, reused) = self.service_connection().await?;
-            match search(&mut ldap, base, scope, filter, &self.attributes).await {
+            match search(&mut ldap, base, scope, filter, attributes).await {
                 Ok(found) => {
                     self.give_back(ldap);
                     return Ok(found);
@@ -361,7 +362,8 @@ impl LdapDirectory {
                 filter,
                 ..
             } => {
-                self.service_search(base_dn, Scope::Subtree, &fill_filter(filter, username))
+                let filter = fill_filter(filter, username);
+                self.service_search(base_dn, Scope::Subtree, &filter, &self.attributes)
                     .await
             }
             Locator::Template {
@@ -369,7 +371,8 @@ impl LdapDirectory {
                 is_dn: true,
                 ..
             } => {
-                self.service_search(&fill_dn(template, username), Scope::Base, "(objectClass=*)")
+                let dn = fill_dn(template, username);
+                self.service_search(&dn, Scope::Base, "(objectClass=*)", &self.attributes)
                     .await
             }
         }
@@ -541,6 +544,16 @@ impl UserDirectory for LdapDirectory {
                 Found::One(entry) if !ad_disabled(&entry) => {
                     self.to_user(username, &entry).map(Some)
                 }
+                // Without a service account a DN template reads anonymously, and an entry hidden
+                // from anonymous reads is not a student who is gone: never revoke on that.
+                Found::None
+                    if self.service.is_none()
+                        && matches!(self.locator, Locator::Template { .. }) =>
+                {
+                    Err(DirectoryError::Unavailable(
+                        "looking students up needs a service account (directory.bind_dn)".into(),
+                    ))
+                }
                 _ => Ok(None),
             }
         })
@@ -549,26 +562,11 @@ impl UserDirectory for LdapDirectory {
 
     async fn check(&self) -> Result<(), DirectoryError> {
         // Reading the root DSE is cheap and needs no rights; a new connection also proves the bind.
+        let attributes = ["supportedLDAPVersion".to_string()];
         self.within_timeout(async {
-            let (mut ldap, _) = self.service_connection().await?;
-            let result = ldap
-                .search(
-                    "",
-                    Scope::Base,
-                    "(objectClass=*)",
-                    vec!["supportedLDAPVersion"],
-                )
+            self.service_search("", Scope::Base, "(objectClass=*)", &attributes)
                 .await
-                .map_err(|e| unavailable("root DSE read", e))?;
-            if matches!(result.1.rc, 0 | 32 | 50) {
-                self.give_back(ldap);
-                Ok(())
-            } else {
-                Err(DirectoryError::Unavailable(format!(
-                    "root DSE read answered {}: {}",
-                    result.1.rc, result.1.text
-                )))
-            }
+                .map(|_| ())
         })
         .await
     }

@@ -156,14 +156,15 @@ async fn notify_second_password_changed(state: &AppState, account: &Account, loc
     Ok(())
 }
 
-fn forgot_form(state: &AppState, headers: &HeaderMap, browser: &Browser, locale: Locale, errors: Vec<&str>) -> Result<Response, PageError> {
-    state.page_with_status(errors_status(&errors), locale, "forgot.html", context! { errors => errors.clone() }, browser, headers)
+fn forgot_form(state: &AppState, headers: &HeaderMap, browser: &Browser, locale: Locale, email: Option<&str>, errors: Vec<&str>) -> Result<Response, PageError> {
+    let ctx = context! { errors => errors.clone(), email => email, mail_from => state.config.mail.from.clone() };
+    state.page_with_status(errors_status(&errors), locale, "forgot.html", ctx, browser, headers)
 }
 
 pub async fn forgot_page(State(state): State<AppState>, headers: HeaderMap, Query(query): Query<PageQuery>) -> Result<Response, PageError> {
     let browser = Browser::from_headers(&state, &headers);
     let locale = state.locale_for(&headers, query.lang.as_deref(), None);
-    forgot_form(&state, &headers, &browser, locale, vec![])
+    forgot_form(&state, &headers, &browser, locale, None, vec![])
 }
 
 /// The same "sent" page whether or not the address is registered.
@@ -173,7 +174,7 @@ pub async fn forgot_submit(State(state): State<AppState>, headers: HeaderMap, bo
     let email = normalize_email(params.get("email").unwrap_or(""));
     if email.is_empty() || !super::email_is_valid(&email) {
         let key = if email.is_empty() { "email_required" } else { "email_invalid" };
-        return forgot_form(&state, &headers, &browser, locale, vec![key]);
+        return forgot_form(&state, &headers, &browser, locale, Some(&email), vec![key]);
     }
     let now = state.clock.now();
     for account in state.store.find_accounts_by_email(&email).await? {
@@ -275,6 +276,7 @@ pub async fn dev_mail(State(state): State<AppState>, headers: HeaderMap) -> Resu
     for path in names.into_iter().take(50) {
         let Ok(raw) = std::fs::read_to_string(&path) else { continue };
         let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        let head = head.replace("\r\n ", " ").replace("\r\n\t", " ");
         let header = |name: &str| {
             head.lines()
                 .find_map(|l| l.strip_prefix(name))

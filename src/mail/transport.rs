@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use lettre::message::header::{ContentTransferEncoding, ContentType};
-use lettre::message::{Mailbox, SinglePart};
+use lettre::message::{Body, Mailbox, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
@@ -79,10 +79,19 @@ impl Transport {
 fn build(from: &str, body: &MailBody, message_id: &str, now: i64, eight_bit: bool) -> anyhow::Result<Message> {
     let from: Mailbox = from.parse()?;
     let to: Mailbox = body.to.parse()?;
-    let mut part = SinglePart::builder().header(ContentType::TEXT_PLAIN);
-    if eight_bit {
-        part = part.header(ContentTransferEncoding::EightBit);
-    }
+    // Mail lines end in CRLF; the file transport keeps the text readable as 8-bit UTF-8.
+    let text = body.text.replace("\r\n", "\n").replace('\n', "\r\n");
+    let encoded = if eight_bit {
+        // lettre picks base64 for long UTF-8 lines; 8bit allows them up to 998 bytes.
+        if text.lines().all(|line| line.len() <= 998) && !text.contains('\0') {
+            Body::dangerous_pre_encoded(text.into_bytes(), ContentTransferEncoding::EightBit)
+        } else {
+            Body::new(text)
+        }
+    } else {
+        Body::new(text)
+    };
+    let part = SinglePart::builder().header(ContentType::TEXT_PLAIN);
     let date = std::time::UNIX_EPOCH + Duration::from_secs(now.max(0) as u64);
     Ok(Message::builder()
         .from(from)
@@ -90,5 +99,5 @@ fn build(from: &str, body: &MailBody, message_id: &str, now: i64, eight_bit: boo
         .subject(body.subject.clone())
         .message_id(Some(message_id.to_string()))
         .date(date)
-        .singlepart(part.body(body.text.clone()))?)
+        .singlepart(part.body(encoded))?)
 }

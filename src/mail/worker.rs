@@ -31,11 +31,18 @@ pub fn backoff(attempts: i64) -> i64 {
 pub fn spawn(state: AppState, transport: Transport) {
     let owner = random_id();
     tokio::spawn(async move {
+        let transport = std::sync::Arc::new(transport);
         loop {
-            match run_once(&state, &transport, &owner).await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "outbox worker: store unavailable"),
+            // Each job runs in its own task, so a panic costs that attempt, not the worker.
+            let job = {
+                let (state, transport, owner) = (state.clone(), transport.clone(), owner.clone());
+                tokio::spawn(async move { run_once(&state, &transport, &owner).await })
+            };
+            match job.await {
+                Ok(Ok(true)) => continue,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "outbox worker: store unavailable"),
+                Err(e) => tracing::error!(error = %e, "outbox job panicked; it will be retried after its lease"),
             }
             tokio::select! {
                 _ = state.outbox_wakeup.notified() => {}

@@ -2,6 +2,7 @@
 //! relying parties), a browser with its own cookie jar, and an `openidconnect` relying party.
 #![allow(dead_code)]
 
+pub mod backchannel;
 pub mod html;
 pub mod rp;
 pub mod slapd;

@@ -100,8 +100,14 @@ userPassword: Daigaku-Pass-3
 
 /// A running slapd; killed (and its files removed) on drop.
 pub struct Slapd {
+    /// `ldap://127.0.0.1:PORT` (with TLS, StartTLS works on `localhost_url`).
     pub url: String,
     pub port: u16,
+    /// `ldaps://localhost:PORT` when started with TLS.
+    pub ldaps_url: Option<String>,
+    /// The PEM file of the test CA that signed slapd's certificate (for `localhost`, not
+    /// 127.0.0.1), when started with TLS.
+    pub ca_file: Option<PathBuf>,
     child: Option<Child>,
     dir: tempfile::TempDir,
     /// entryUUID by uid.
@@ -111,43 +117,46 @@ pub struct Slapd {
 impl Slapd {
     /// Starts slapd on a free loopback port with the test entries loaded.
     pub async fn start() -> Slapd {
+        Self::start_with(false).await
+    }
+
+    /// Like `start`, with a certificate from a test CA, StartTLS on `url` and `ldaps_url`.
+    pub async fn start_tls() -> Slapd {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> Slapd {
         let slapd = slapd_binary();
         let dir = tempfile::tempdir().expect("temp dir");
         let root = dir.path();
         std::fs::create_dir(root.join("db")).unwrap();
+        let ca_file = tls.then(|| make_certificates(root));
         let conf = root.join("slapd.conf");
-        std::fs::write(&conf, slapd_conf(root)).unwrap();
+        std::fs::write(&conf, slapd_conf(root, tls)).unwrap();
         std::fs::write(root.join("entries.ldif"), ENTRIES).unwrap();
         // Loaded offline: slapadd keeps the order of values and adds entryUUID itself.
-        let slapadd = slapd.with_file_name("slapadd");
-        let out = Command::new(if slapadd.exists() {
-            slapadd
-        } else {
-            "slapadd".into()
-        })
-        .arg("-f")
-        .arg(&conf)
-        .arg("-l")
-        .arg(root.join("entries.ldif"))
-        .output()
-        .expect("slapadd runs (apt-get install slapd)");
-        assert!(
-            out.status.success(),
-            "slapadd failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run(Command::new(slapd.with_file_name("slapadd"))
+            .arg("-f")
+            .arg(&conf)
+            .arg("-l")
+            .arg(root.join("entries.ldif")));
 
-        // Another test may take the port between our probe and slapd's bind: try a few.
+        // Another test may take a port between our probe and slapd's bind: try a few.
         let mut last_log = String::new();
         for _ in 0..8 {
             let port = free_port();
             let url = format!("ldap://127.0.0.1:{port}");
+            let ldaps_url = tls.then(|| format!("ldaps://localhost:{}", free_port()));
+            let listen = match &ldaps_url {
+                Some(ldaps) => format!("{url}/ {}/", ldaps.replace("localhost", "127.0.0.1")),
+                None => format!("{url}/"),
+            };
             let log = std::fs::File::create(root.join("slapd.log")).unwrap();
             let mut child = Command::new(&slapd)
                 .arg("-f")
                 .arg(&conf)
                 .arg("-h")
-                .arg(format!("{url}/"))
+                .arg(listen)
                 .arg("-d")
                 .arg("0")
                 .stdin(Stdio::null())
@@ -160,6 +169,8 @@ impl Slapd {
                 return Slapd {
                     url,
                     port,
+                    ldaps_url,
+                    ca_file,
                     child: Some(child),
                     dir,
                     uuids,
@@ -170,6 +181,11 @@ impl Slapd {
             last_log = std::fs::read_to_string(root.join("slapd.log")).unwrap_or_default();
         }
         panic!("slapd did not start:\n{last_log}");
+    }
+
+    /// `url` with the name slapd's certificate carries.
+    pub fn localhost_url(&self) -> String {
+        self.url.replace("127.0.0.1", "localhost")
     }
 
     /// The entryUUID of `username`'s entry.
@@ -299,6 +315,74 @@ async fn read_uuids(url: &str) -> HashMap<String, String> {
         .collect()
 }
 
+fn run(command: &mut Command) {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?} cannot run (apt-get install slapd openssl): {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA and a server certificate for `localhost` only (openssl); returns the CA file.
+fn make_certificates(root: &Path) -> PathBuf {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(Command::new("openssl")
+        .current_dir(root)
+        .args(["req", "-x509"])
+        .args(ec)
+        .args(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"])
+        .args(["-subj", "/CN=nidan test CA"]));
+    run(Command::new("openssl")
+        .current_dir(root)
+        .arg("req")
+        .args(ec)
+        .args([
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]));
+    std::fs::write(
+        root.join("server.ext"),
+        "subjectAltName = DNS:localhost\nbasicConstraints = CA:FALSE\n\
+         keyUsage = digitalSignature\nextendedKeyUsage = serverAuth\n",
+    )
+    .unwrap();
+    run(Command::new("openssl")
+        .current_dir(root)
+        .args([
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+        ])
+        .args([
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]));
+    root.join("ca.pem")
+}
+
 fn slapd_binary() -> PathBuf {
     let installed = PathBuf::from("/usr/sbin/slapd");
     if installed.exists() {
@@ -308,7 +392,16 @@ fn slapd_binary() -> PathBuf {
     }
 }
 
-fn slapd_conf(root: &Path) -> String {
+fn slapd_conf(root: &Path, tls: bool) -> String {
+    let tls = if tls {
+        format!(
+            "TLSCACertificateFile {root}/ca.pem\nTLSCertificateFile {root}/server.pem\n\
+             TLSCertificateKeyFile {root}/server.key\n",
+            root = root.display()
+        )
+    } else {
+        String::new()
+    };
     let root = root.display();
     format!(
         r#"include /etc/ldap/schema/core.schema
@@ -316,7 +409,7 @@ include /etc/ldap/schema/cosine.schema
 include /etc/ldap/schema/inetorgperson.schema
 include /etc/ldap/schema/nis.schema
 attributeoptions lang- phonetic
-pidfile {root}/slapd.pid
+{tls}pidfile {root}/slapd.pid
 argsfile {root}/slapd.args
 modulepath /usr/lib/ldap
 moduleload back_mdb
