@@ -10,6 +10,7 @@ install_packages() {
   local missing=()
   command -v node >/dev/null || missing+=(nodejs npm)
   command -v pg_ctl >/dev/null || [ -x /usr/local/bin/pg_ctl ] || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
+  { [ -x /usr/sbin/slapd ] && command -v openssl >/dev/null; } || missing+=(slapd ldap-utils openssl)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
       echo "missing packages: ${missing[*]} (install them, or run this script as root)" >&2

@@ -23,7 +23,7 @@ use crate::clock::{Clock, Timestamp};
 use crate::config::{ClientSettings, Config};
 use crate::directory::UserDirectory;
 use crate::error::PageError;
-use crate::keys::{KeySet, Kek, SharedKeys};
+use crate::keys::{Kek, KeySet, SharedKeys};
 use crate::oidc;
 use crate::store::{ClientRow, DynStore};
 use crate::ui::{Branding, Locale, Ui};
@@ -74,7 +74,12 @@ impl AppState {
     }
 
     /// The page language: explicit `lang`, then `ui_locales`, then Accept-Language, then the default.
-    pub fn locale_for(&self, headers: &HeaderMap, lang: Option<&str>, ui_locales: Option<&str>) -> Locale {
+    pub fn locale_for(
+        &self,
+        headers: &HeaderMap,
+        lang: Option<&str>,
+        ui_locales: Option<&str>,
+    ) -> Locale {
         let accept = headers
             .get(header::ACCEPT_LANGUAGE)
             .and_then(|v| v.to_str().ok());
@@ -119,7 +124,8 @@ impl AppState {
     /// The client's address: the peer, or the nearest untrusted X-Forwarded-For hop when the
     /// peer is a trusted proxy.
     pub fn client_ip(&self, headers: &HeaderMap, peer: SocketAddr) -> std::net::IpAddr {
-        let trusted = |ip: &std::net::IpAddr| self.config.trusted_proxies.iter().any(|n| n.contains(ip));
+        let trusted =
+            |ip: &std::net::IpAddr| self.config.trusted_proxies.iter().any(|n| n.contains(ip));
         let mut ip = peer.ip();
         if !trusted(&ip) {
             return ip;
@@ -146,7 +152,10 @@ impl AppState {
         time::OffsetDateTime::from_unix_timestamp(t)
             .map(|d| d.to_offset(offset))
             .ok()
-            .and_then(|d| d.format(time::macros::format_description!("[hour]:[minute]")).ok())
+            .and_then(|d| {
+                d.format(time::macros::format_description!("[hour]:[minute]"))
+                    .ok()
+            })
             .unwrap_or_default()
     }
 
@@ -156,7 +165,12 @@ impl AppState {
         time::OffsetDateTime::from_unix_timestamp(t)
             .map(|d| d.to_offset(offset))
             .ok()
-            .and_then(|d| d.format(time::macros::format_description!("[year]-[month]-[day] [hour]:[minute] JST")).ok())
+            .and_then(|d| {
+                d.format(time::macros::format_description!(
+                    "[year]-[month]-[day] [hour]:[minute] JST"
+                ))
+                .ok()
+            })
             .unwrap_or_default()
     }
 
@@ -194,32 +208,60 @@ pub fn see_other(location: &str) -> Response {
 
 pub fn router(state: AppState) -> Router {
     let mut app = Router::new()
-        .route("/.well-known/openid-configuration", get(oidc::discovery::discovery))
+        .route(
+            "/.well-known/openid-configuration",
+            get(oidc::discovery::discovery),
+        )
         .route("/jwks", get(oidc::discovery::jwks))
-        .route("/authorize", get(oidc::authorize::authorize).post(oidc::authorize::authorize))
+        .route(
+            "/authorize",
+            get(oidc::authorize::authorize).post(oidc::authorize::authorize),
+        )
         .route("/token", post(oidc::token::token))
-        .route("/userinfo", get(oidc::userinfo::userinfo).post(oidc::userinfo::userinfo))
+        .route(
+            "/userinfo",
+            get(oidc::userinfo::userinfo).post(oidc::userinfo::userinfo),
+        )
         .route("/introspect", post(oidc::introspect::introspect))
         .route("/revoke", post(oidc::introspect::revoke))
-        .route("/logout", get(oidc::logout::logout).post(oidc::logout::logout))
-        .route("/login", get(crate::auth::login::login_page).post(crate::auth::login::login_submit))
+        .route(
+            "/logout",
+            get(oidc::logout::logout).post(oidc::logout::logout),
+        )
+        .route(
+            "/login",
+            get(crate::auth::login::login_page).post(crate::auth::login::login_submit),
+        )
         .route(
             "/login/step-up",
             get(crate::auth::login::step_up_page).post(crate::auth::login::step_up_submit),
         )
         .route("/account", get(crate::auth::login::account_page))
-        .route("/account/email", get(crate::enroll::account::email_page).post(crate::enroll::account::email_submit))
+        .route(
+            "/account/email",
+            get(crate::enroll::account::email_page).post(crate::enroll::account::email_submit),
+        )
         .route(
             "/account/second-password",
-            get(crate::enroll::account::second_password_page).post(crate::enroll::account::second_password_submit),
+            get(crate::enroll::account::second_password_page)
+                .post(crate::enroll::account::second_password_submit),
         )
-        .route("/enroll/email", get(crate::enroll::email::page).post(crate::enroll::email::submit))
+        .route(
+            "/enroll/email",
+            get(crate::enroll::email::page).post(crate::enroll::email::submit),
+        )
         .route(
             "/enroll/second-password",
             get(crate::enroll::second_password::page).post(crate::enroll::second_password::submit),
         )
-        .route("/forgot", get(crate::enroll::account::forgot_page).post(crate::enroll::account::forgot_submit))
-        .route("/link/{token}", get(crate::enroll::links::link_page).post(crate::enroll::links::link_submit))
+        .route(
+            "/forgot",
+            get(crate::enroll::account::forgot_page).post(crate::enroll::account::forgot_submit),
+        )
+        .route(
+            "/link/{token}",
+            get(crate::enroll::links::link_page).post(crate::enroll::links::link_submit),
+        )
         .route("/manual", get(crate::enroll::account::manual))
         .route("/static/nidan.css", get(stylesheet))
         .route("/healthz", get(healthz))
@@ -232,8 +274,14 @@ pub fn router(state: AppState) -> Router {
             .route("/demo/callback", get(crate::demo::demo_callback));
     }
     app.fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), render_page_errors))
-        .layer(middleware::from_fn_with_state(state.clone(), security_headers))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            render_page_errors,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            security_headers,
+        ))
         .layer(RequestBodyLimitLayer::new(64 * 1024))
         .layer(TraceLayer::new_for_http())
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -249,8 +297,14 @@ async fn stylesheet(State(state): State<AppState>) -> Response {
     let css = state.ui.stylesheet().to_string();
     let mut response = css.into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/css; charset=utf-8"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/css; charset=utf-8"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=3600"),
+    );
     response
 }
 
@@ -270,20 +324,36 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "directory": if directory_ok { "ok" } else { "unavailable" },
         "shutting_down": !state.replica_ready(),
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(body)).into_response()
 }
 
 /// Security headers on every response; HTML pages also get CSP and no-store.
-async fn security_headers(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+async fn security_headers(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let original = request.uri().to_string();
     if let Ok(value) = HeaderValue::from_str(&original) {
-        request.headers_mut().insert(HeaderName::from_static("x-nidan-original-uri"), value);
+        request
+            .headers_mut()
+            .insert(HeaderName::from_static("x-nidan-original-uri"), value);
     }
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     let is_html = headers
         .get(header::CONTENT_TYPE)
@@ -309,7 +379,11 @@ async fn security_headers(State(state): State<AppState>, mut request: Request, n
 }
 
 /// Turns a `PageError` left in a response into the localized error page.
-async fn render_page_errors(State(state): State<AppState>, request: Request, next: Next) -> Response {
+async fn render_page_errors(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let headers = request.headers().clone();
     let query_lang = request
         .uri()
@@ -322,8 +396,13 @@ async fn render_page_errors(State(state): State<AppState>, request: Request, nex
     let error = match response.extensions().get::<PageError>() {
         Some(error) => error.clone(),
         // Bodies refused by the size limit or axum's extractors: a page, never internals.
-        None if status == StatusCode::PAYLOAD_TOO_LARGE || status == StatusCode::METHOD_NOT_ALLOWED => {
-            PageError::bad_request("error_invalid_request", if is_get { "" } else { "request refused" })
+        None if status == StatusCode::PAYLOAD_TOO_LARGE
+            || status == StatusCode::METHOD_NOT_ALLOWED =>
+        {
+            PageError::bad_request(
+                "error_invalid_request",
+                if is_get { "" } else { "request refused" },
+            )
         }
         None => return response,
     };
@@ -383,11 +462,19 @@ pub fn derive_secrets(kek: &Kek) -> Secrets {
 }
 
 /// Writes the configuration file's clients into the store and removes ones it no longer lists.
-pub async fn sync_config_clients(store: &DynStore, config: &Config, secrets: &Secrets, now: Timestamp) -> anyhow::Result<()> {
+pub async fn sync_config_clients(
+    store: &DynStore,
+    config: &Config,
+    secrets: &Secrets,
+    now: Timestamp,
+) -> anyhow::Result<()> {
     let existing = store.list_clients().await?;
     for client in &config.clients {
         let digest = match (&client.client_secret, &client.client_secret_hash) {
-            (Some(secret), _) => Some(oidc::clients::secret_digest(&secrets.client_secret, secret.expose())),
+            (Some(secret), _) => Some(oidc::clients::secret_digest(
+                &secrets.client_secret,
+                secret.expose(),
+            )),
             (None, Some(hash)) => Some(hash.clone()),
             (None, None) => None,
         };
@@ -422,11 +509,18 @@ pub async fn build_state(config: Config, runtime: Runtime) -> anyhow::Result<App
     let secrets = derive_secrets(&kek);
     let store = crate::store::connect(&config.database_url)
         .await
-        .with_context(|| format!("cannot open the store at {}", redact_url(&config.database_url)))?;
+        .with_context(|| {
+            format!(
+                "cannot open the store at {}",
+                redact_url(&config.database_url)
+            )
+        })?;
     let now = clock.now();
     sync_config_clients(&store, &config, &secrets, now).await?;
     crate::keys::ensure_keys(&store, &kek, now).await?;
-    let keys: SharedKeys = Arc::new(std::sync::RwLock::new(Arc::new(KeySet::load(&store, &kek, now).await?)));
+    let keys: SharedKeys = Arc::new(std::sync::RwLock::new(Arc::new(
+        KeySet::load(&store, &kek, now).await?,
+    )));
     let hasher = PasswordHasher::new(runtime.argon2);
     let directory = crate::directory::build(&config.directory, hasher.clone()).await?;
     let demo = if config.development_pages() {
@@ -513,7 +607,11 @@ impl RunningServer {
 }
 
 /// Serves on an already bound listener (tests bind port 0 first to learn the issuer).
-pub async fn spawn(config: Config, runtime: Runtime, listener: tokio::net::TcpListener) -> anyhow::Result<RunningServer> {
+pub async fn spawn(
+    config: Config,
+    runtime: Runtime,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<RunningServer> {
     let state = build_state(config, runtime).await?;
     let addr = listener.local_addr()?;
     spawn_key_refresh(state.clone());
@@ -531,7 +629,12 @@ pub async fn spawn(config: Config, runtime: Runtime, listener: tokio::net::TcpLi
             tracing::error!(error = %e, "server stopped");
         }
     });
-    Ok(RunningServer { addr, state, shutdown: Some(tx), task })
+    Ok(RunningServer {
+        addr,
+        state,
+        shutdown: Some(tx),
+        task,
+    })
 }
 
 /// `nidan serve`: binds `listen`, serves until SIGTERM or Ctrl-C, then finishes in-flight requests.
@@ -558,7 +661,8 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };
@@ -571,7 +675,12 @@ async fn shutdown_signal() {
 }
 
 /// Settings for a client registered from the command line.
-pub fn client_row(settings: &ClientSettings, secret_digest: Option<String>, source: &str, now: Timestamp) -> anyhow::Result<ClientRow> {
+pub fn client_row(
+    settings: &ClientSettings,
+    secret_digest: Option<String>,
+    source: &str,
+    now: Timestamp,
+) -> anyhow::Result<ClientRow> {
     Ok(ClientRow {
         client_id: settings.client_id.clone(),
         settings: serde_json::to_string(settings)?,

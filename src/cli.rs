@@ -11,7 +11,11 @@ use crate::clock::{random_token, Clock, SystemClock};
 use crate::config::{parse_duration, ClientSettings, Config};
 
 #[derive(Debug, Parser)]
-#[command(name = "nidan", version, about = "OpenID Connect identity provider for universities")]
+#[command(
+    name = "nidan",
+    version,
+    about = "OpenID Connect identity provider for universities"
+)]
 pub struct Cli {
     /// Configuration file (TOML). Without one, `serve` runs the embedded development default.
     #[arg(long, global = true, env = "NIDAN_CONFIG")]
@@ -20,6 +24,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start; boxing the larger variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server (applies migrations first).
@@ -57,6 +63,7 @@ pub enum UserCommand {
     },
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     /// Register a client; a confidential client's secret is printed once.
@@ -121,7 +128,9 @@ pub fn load_config(path: Option<&std::path::Path>) -> Result<Config, crate::conf
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -140,7 +149,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if password.is_empty() {
                 bail!("no password on standard input");
             }
-            println!("{}", crate::auth::passwords::hash_with(&crate::auth::passwords::production_params(), password));
+            println!(
+                "{}",
+                crate::auth::passwords::hash_with(
+                    &crate::auth::passwords::production_params(),
+                    password
+                )
+            );
             Ok(())
         }
         Command::CheckConfig => match load_config(config_path) {
@@ -188,7 +203,8 @@ fn config_warnings(config: &Config) -> Vec<String> {
     }
     if config.throttle.password_failures >= 10 && config.directory.kind == "ldap" {
         warnings.push(
-            "throttle.password_failures should stay below the directory's own lockout threshold".into(),
+            "throttle.password_failures should stay below the directory's own lockout threshold"
+                .into(),
         );
     }
     warnings
@@ -231,11 +247,15 @@ async fn client_command(config: Config, command: ClientCommand) -> anyhow::Resul
             let digest = secret
                 .as_deref()
                 .map(|s| crate::oidc::clients::secret_digest(&secrets.client_secret, s));
-            store.put_client(&client_row(&settings, digest.clone(), "cli", now)?).await?;
+            store
+                .put_client(&client_row(&settings, digest.clone(), "cli", now)?)
+                .await?;
             println!("client {} registered", settings.client_id);
             if let (Some(secret), Some(digest)) = (secret, digest) {
                 println!("client_secret: {secret}");
-                println!("(shown once; for a configuration file use client_secret_hash = \"{digest}\")");
+                println!(
+                    "(shown once; for a configuration file use client_secret_hash = \"{digest}\")"
+                );
             }
             Ok(())
         }
@@ -254,14 +274,28 @@ async fn client_command(config: Config, command: ClientCommand) -> anyhow::Resul
             Ok(())
         }
         ClientCommand::Show { client_id } => {
-            let row = store.get_client(&client_id).await?.with_context(|| format!("no client {client_id}"))?;
+            let row = store
+                .get_client(&client_id)
+                .await?
+                .with_context(|| format!("no client {client_id}"))?;
             let client = crate::oidc::clients::from_row(row.clone())?;
             println!("{}", serde_json::to_string_pretty(&client.settings)?);
-            println!("source: {}; secret: {}", row.source, if row.secret_digest.is_some() { "set (digest stored)" } else { "none" });
+            println!(
+                "source: {}; secret: {}",
+                row.source,
+                if row.secret_digest.is_some() {
+                    "set (digest stored)"
+                } else {
+                    "none"
+                }
+            );
             Ok(())
         }
         ClientCommand::Remove { client_id } => {
-            let row = store.get_client(&client_id).await?.with_context(|| format!("no client {client_id}"))?;
+            let row = store
+                .get_client(&client_id)
+                .await?
+                .with_context(|| format!("no client {client_id}"))?;
             if row.source == "config" {
                 bail!("client {client_id} comes from the configuration file; remove it there");
             }
@@ -298,16 +332,28 @@ async fn keys_command(config: Config, command: KeysCommand) -> anyhow::Result<()
                     key.kid,
                     key.alg,
                     format_time(key.active_from),
-                    key.published_until.map(format_time).unwrap_or_else(|| "-".into())
+                    key.published_until
+                        .map(format_time)
+                        .unwrap_or_else(|| "-".into())
                 );
             }
             Ok(())
         }
-        KeysCommand::Rotate { alg, delay, now: at_once } => {
+        KeysCommand::Rotate {
+            alg,
+            delay,
+            now: at_once,
+        } => {
             if !crate::keys::ALGORITHMS.contains(&alg.as_str()) {
                 bail!("--alg must be one of {:?}", crate::keys::ALGORITHMS);
             }
-            let delay = if at_once { 0 } else { parse_duration(&delay).map_err(anyhow::Error::msg)?.as_secs() as i64 };
+            let delay = if at_once {
+                0
+            } else {
+                parse_duration(&delay)
+                    .map_err(anyhow::Error::msg)?
+                    .as_secs() as i64
+            };
             let lifetimes = &config.lifetimes;
             let longest = lifetimes.id_token.max(lifetimes.access_token).as_secs() as i64 + 300;
             let key = crate::keys::rotate(&store, &kek, &alg, now, delay, longest).await?;
@@ -339,24 +385,32 @@ async fn user_command(config: Config, command: UserCommand) -> anyhow::Result<()
                 println!(
                     "email:            {}",
                     match (&account.email, account.email_verified_at) {
-                        (Some(email), Some(at)) => format!("{email} (verified {})", format_time(at)),
+                        (Some(email), Some(at)) =>
+                            format!("{email} (verified {})", format_time(at)),
                         (Some(email), None) => format!("{email} (not verified)"),
                         _ => "not registered".into(),
                     }
                 );
                 println!(
                     "second password:  {}",
-                    account.second_password_set_at.map_or("not set".into(), |t| format!("set {}", format_time(t)))
+                    account
+                        .second_password_set_at
+                        .map_or("not set".into(), |t| format!("set {}", format_time(t)))
                 );
-                let second = store.throttle_get(&format!("second:{}", account.id)).await?;
-                let pw = store.throttle_get(&format!("pwacct:{}", account.username)).await?;
+                let second = store
+                    .throttle_get(&format!("second:{}", account.id))
+                    .await?;
+                let pw = store
+                    .throttle_get(&format!("pwacct:{}", account.username))
+                    .await?;
                 for (what, counter) in [("university password", pw), ("second password", second)] {
                     if let Some(c) = counter {
                         let lock = c.locked_until.filter(|t| *t > now).map(format_time);
                         println!(
                             "{what:<17} {} recent failures{}",
                             c.failures,
-                            lock.map(|t| format!(", locked until {t}")).unwrap_or_default()
+                            lock.map(|t| format!(", locked until {t}"))
+                                .unwrap_or_default()
                         );
                     }
                 }
@@ -371,9 +425,13 @@ async fn user_command(config: Config, command: UserCommand) -> anyhow::Result<()
             } else {
                 std::fs::read_to_string(&file).with_context(|| format!("cannot read {file}"))?
             };
-            let hasher = crate::auth::passwords::PasswordHasher::new(crate::auth::passwords::production_params());
+            let hasher = crate::auth::passwords::PasswordHasher::new(
+                crate::auth::passwords::production_params(),
+            );
             let directory = crate::directory::build(&config.directory, hasher.clone()).await?;
-            let report = crate::enroll::import::import(&store, &directory, &hasher, &input, dry_run, now).await?;
+            let report =
+                crate::enroll::import::import(&store, &directory, &hasher, &input, dry_run, now)
+                    .await?;
             for error in &report.errors {
                 eprintln!("{error}");
             }
@@ -383,7 +441,10 @@ async fn user_command(config: Config, command: UserCommand) -> anyhow::Result<()
             if dry_run {
                 println!("dry run: every line is valid; nothing was imported");
             } else {
-                println!("{} students imported, {} already up to date", report.imported, report.unchanged);
+                println!(
+                    "{} students imported, {} already up to date",
+                    report.imported, report.unchanged
+                );
             }
             Ok(())
         }
@@ -392,7 +453,8 @@ async fn user_command(config: Config, command: UserCommand) -> anyhow::Result<()
             let accounts = store.find_accounts_by_username(&username).await?;
             let mut removed = crate::auth::throttle::unlock(&store, &username, None).await?;
             for account in &accounts {
-                removed += crate::auth::throttle::unlock(&store, &username, Some(&account.id)).await?;
+                removed +=
+                    crate::auth::throttle::unlock(&store, &username, Some(&account.id)).await?;
             }
             println!("{username}: {removed} lock counters cleared");
             Ok(())
@@ -403,6 +465,9 @@ async fn user_command(config: Config, command: UserCommand) -> anyhow::Result<()
 fn format_time(t: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(t)
         .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| t.to_string())
 }

@@ -378,16 +378,22 @@ impl ClientSettings {
         }
         if let Some(jwks) = &self.jwks {
             if !jwks.get("keys").is_some_and(|k| k.is_array()) {
-                problems.push(format!("{who}: jwks must be a JSON Web Key Set with a keys array"));
+                problems.push(format!(
+                    "{who}: jwks must be a JSON Web Key Set with a keys array"
+                ));
             }
         }
         for grant in &self.grant_types {
             if !GRANT_TYPES.contains(&grant.as_str()) {
-                problems.push(format!("{who}: grant type {grant:?} is not one of {GRANT_TYPES:?}"));
+                problems.push(format!(
+                    "{who}: grant type {grant:?} is not one of {GRANT_TYPES:?}"
+                ));
             }
         }
         if method == "none" && self.allows_grant("client_credentials") {
-            problems.push(format!("{who}: a public client cannot use client_credentials"));
+            problems.push(format!(
+                "{who}: a public client cannot use client_credentials"
+            ));
         }
         for scope in &self.scopes {
             if !SCOPES.contains(&scope.as_str()) {
@@ -416,7 +422,9 @@ impl ClientSettings {
             ));
         }
         if self.allows_grant("authorization_code") && self.redirect_uris.is_empty() {
-            problems.push(format!("{who}: the authorization_code grant needs redirect_uris"));
+            problems.push(format!(
+                "{who}: the authorization_code grant needs redirect_uris"
+            ));
         }
         let uris = self
             .redirect_uris
@@ -430,7 +438,9 @@ impl ClientSettings {
                 Ok(url) if url.fragment().is_some() => {
                     problems.push(format!("{who}: {uri:?} must not contain a fragment"))
                 }
-                Ok(url) if url.scheme() == "http" && !is_loopback_url(&url) && !issuer_is_loopback => {
+                Ok(url)
+                    if url.scheme() == "http" && !is_loopback_url(&url) && !issuer_is_loopback =>
+                {
                     problems.push(format!("{who}: {uri:?} must use https"))
                 }
                 Ok(_) => {}
@@ -458,7 +468,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
         let number: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = match &rest[..unit_len] {
             "ms" => Duration::from_millis(number),
             "s" => Duration::from_secs(number),
@@ -742,7 +754,10 @@ impl Config {
         if !self.metrics_listen.is_empty()
             && self.metrics_listen.parse::<std::net::SocketAddr>().is_err()
         {
-            problems.push(format!("metrics_listen {:?} is not an address:port", self.metrics_listen));
+            problems.push(format!(
+                "metrics_listen {:?} is not an address:port",
+                self.metrics_listen
+            ));
         }
         if !(self.database_url.starts_with("sqlite:")
             || self.database_url.starts_with("postgres://")
@@ -754,7 +769,10 @@ impl Config {
             ));
         }
         if !matches!(self.default_locale.as_str(), "ja" | "en") {
-            problems.push(format!("default_locale {:?} is neither \"ja\" nor \"en\"", self.default_locale));
+            problems.push(format!(
+                "default_locale {:?} is neither \"ja\" nor \"en\"",
+                self.default_locale
+            ));
         }
         if !matches!(self.enrollment.as_str(), "always" | "on-demand") {
             problems.push(format!(
@@ -763,14 +781,20 @@ impl Config {
             ));
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            problems.push(format!("log_format {:?} is neither \"text\" nor \"json\"", self.log_format));
+            problems.push(format!(
+                "log_format {:?} is neither \"text\" nor \"json\"",
+                self.log_format
+            ));
         }
         let color = self.accent_color.trim_start_matches('#');
         if !(self.accent_color.starts_with('#')
             && matches!(color.len(), 3 | 6)
             && color.chars().all(|c| c.is_ascii_hexdigit()))
         {
-            problems.push(format!("accent_color {:?} is not a colour like #1f4e8c", self.accent_color));
+            problems.push(format!(
+                "accent_color {:?} is not a colour like #1f4e8c",
+                self.accent_color
+            ));
         }
         for (name, value) in [
             ("password_change_url", &self.password_change_url),
@@ -781,10 +805,16 @@ impl Config {
             }
         }
         if !self.manual_url.starts_with('/') && Url::parse(&self.manual_url).is_err() {
-            problems.push(format!("manual_url {:?} is not a URL or a path", self.manual_url));
+            problems.push(format!(
+                "manual_url {:?} is not a URL or a path",
+                self.manual_url
+            ));
         }
         for (name, value) in [
-            ("lifetimes.authorization_code", self.lifetimes.authorization_code),
+            (
+                "lifetimes.authorization_code",
+                self.lifetimes.authorization_code,
+            ),
             ("lifetimes.access_token", self.lifetimes.access_token),
             ("lifetimes.id_token", self.lifetimes.id_token),
             ("lifetimes.refresh_token", self.lifetimes.refresh_token),
@@ -812,7 +842,8 @@ impl Config {
 
     fn read_secrets(&mut self, problems: &mut Vec<String>) {
         if let Some(path) = self.directory.bind_password_file.clone() {
-            if let Some(secret) = read_secret_file("directory.bind_password_file", &path, problems) {
+            if let Some(secret) = read_secret_file("directory.bind_password_file", &path, problems)
+            {
                 self.directory.bind_password = secret;
             }
         }
@@ -845,10 +876,9 @@ impl Config {
             "demo" if self.embedded => {}
             "file" => match &d.path {
                 None => problems.push("directory.path is required for kind = \"file\"".into()),
-                Some(path) if !path.exists() => problems.push(format!(
-                    "directory.path {} does not exist",
-                    path.display()
-                )),
+                Some(path) if !path.exists() => {
+                    problems.push(format!("directory.path {} does not exist", path.display()))
+                }
                 Some(_) => {}
             },
             "ldap" => {
@@ -861,7 +891,8 @@ impl Config {
                 }
                 if d.dn_template.is_empty() {
                     if d.base_dn.is_empty() {
-                        problems.push("directory.base_dn is required unless dn_template is set".into());
+                        problems
+                            .push("directory.base_dn is required unless dn_template is set".into());
                     }
                     if !d.user_filter.contains("{username}") {
                         problems.push("directory.user_filter must contain {username}".into());
@@ -870,14 +901,22 @@ impl Config {
                     problems.push("directory.dn_template must contain {username}".into());
                 }
                 if !d.bind_dn.is_empty() && d.bind_password_file.is_none() {
-                    problems.push("directory.bind_dn is set but directory.bind_password_file is missing".into());
+                    problems.push(
+                        "directory.bind_dn is set but directory.bind_password_file is missing"
+                            .into(),
+                    );
                 }
                 if !d.tls_ca_file.is_empty() && !Path::new(&d.tls_ca_file).exists() {
-                    problems.push(format!("directory.tls_ca_file {} does not exist", d.tls_ca_file));
+                    problems.push(format!(
+                        "directory.tls_ca_file {} does not exist",
+                        d.tls_ca_file
+                    ));
                 }
             }
             "" => problems.push("[directory] is required (kind = \"ldap\" or \"file\")".into()),
-            other => problems.push(format!("directory.kind {other:?} is neither \"ldap\" nor \"file\"")),
+            other => problems.push(format!(
+                "directory.kind {other:?} is neither \"ldap\" nor \"file\""
+            )),
         }
     }
 
@@ -897,7 +936,9 @@ impl Config {
             }
             "file" => {}
             "" => problems.push("[mail] is required (transport = \"smtp\" or \"file\")".into()),
-            other => problems.push(format!("mail.transport {other:?} is neither \"smtp\" nor \"file\"")),
+            other => problems.push(format!(
+                "mail.transport {other:?} is neither \"smtp\" nor \"file\""
+            )),
         }
         if m.from.is_empty() && !m.transport.is_empty() {
             problems.push("mail.from is required".into());
@@ -1008,7 +1049,9 @@ fn apply_env(table: &mut toml::Table, env: &HashMap<String, String>, problems: &
                 }
                 Err(e) => problems.push(format!("{name}: {e}")),
             },
-            None => problems.push(format!("{name}: no configuration key matches this environment variable")),
+            None => problems.push(format!(
+                "{name}: no configuration key matches this environment variable"
+            )),
         }
     }
 }
@@ -1026,7 +1069,8 @@ fn check_unknown_keys(table: &toml::Table, problems: &mut Vec<String>) {
             for (sub_key, sub_value) in sub {
                 if key == "directory" && sub_key == "claims" {
                     if !sub_value.is_table() {
-                        problems.push("[directory.claims] must be a table of claim = attribute".into());
+                        problems
+                            .push("[directory.claims] must be a table of claim = attribute".into());
                     }
                     continue;
                 }
@@ -1042,10 +1086,15 @@ fn check_unknown_keys(table: &toml::Table, problems: &mut Vec<String>) {
                 continue;
             };
             for (i, client) in clients.iter().enumerate() {
-                let Some(client) = client.as_table() else { continue };
+                let Some(client) = client.as_table() else {
+                    continue;
+                };
                 for sub_key in client.keys() {
                     if !CLIENT_KEYS.contains(&sub_key.as_str()) {
-                        problems.push(format!("unknown key {sub_key} in [[clients]] entry {}", i + 1));
+                        problems.push(format!(
+                            "unknown key {sub_key} in [[clients]] entry {}",
+                            i + 1
+                        ));
                     }
                 }
             }
@@ -1060,14 +1109,20 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn durations() {
         assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("400d").unwrap(), Duration::from_secs(400 * 86_400));
+        assert_eq!(
+            parse_duration("400d").unwrap(),
+            Duration::from_secs(400 * 86_400)
+        );
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("60").unwrap(), Duration::from_secs(60));
         assert!(parse_duration("15x").is_err());
@@ -1127,9 +1182,10 @@ redirect_uris = ["not a url"]
 
     #[test]
     fn bad_value_names_its_line() {
-        let errors = Config::from_toml("[session]\nidle_timeout = \"5 minutes\"\n", &env(&[]), true)
-            .unwrap_err()
-            .0;
+        let errors =
+            Config::from_toml("[session]\nidle_timeout = \"5 minutes\"\n", &env(&[]), true)
+                .unwrap_err()
+                .0;
         assert!(errors[0].contains("idle_timeout"), "{errors:?}");
         assert!(errors[0].contains("invalid duration"), "{errors:?}");
     }

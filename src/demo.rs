@@ -5,10 +5,13 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
 use minijinja::context;
-use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata, CoreUserInfoClaims};
+use openidconnect::core::{
+    CoreAuthenticationFlow, CoreClient, CoreProviderMetadata, CoreUserInfoClaims,
+};
 use openidconnect::{
-    AuthenticationContextClass, AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce,
-    OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
+    AuthenticationContextClass, AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl,
+    Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
+    TokenResponse,
 };
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +34,12 @@ pub struct DemoClient {
 }
 
 /// Registers the demo client with a fresh secret (kept in memory; development only).
-pub async fn register(store: &DynStore, config: &Config, secrets: &Secrets, now: Timestamp) -> anyhow::Result<DemoClient> {
+pub async fn register(
+    store: &DynStore,
+    config: &Config,
+    secrets: &Secrets,
+    now: Timestamp,
+) -> anyhow::Result<DemoClient> {
     let secret = random_token();
     let redirect_uri = format!("{}/demo/callback", config.issuer);
     let settings = ClientSettings {
@@ -41,14 +49,28 @@ pub async fn register(store: &DynStore, config: &Config, secrets: &Secrets, now:
         post_logout_redirect_uris: vec![format!("{}/demo", config.issuer)],
         token_endpoint_auth_method: "client_secret_basic".into(),
         grant_types: vec!["authorization_code".into(), "refresh_token".into()],
-        scopes: vec!["openid".into(), "profile".into(), "email".into(), "student".into()],
+        scopes: vec![
+            "openid".into(),
+            "profile".into(),
+            "email".into(),
+            "student".into(),
+        ],
         ..ClientSettings::default()
     };
     let digest = crate::oidc::clients::secret_digest(&secrets.client_secret, &secret);
     store
-        .put_client(&crate::app::client_row(&settings, Some(digest), "demo", now)?)
+        .put_client(&crate::app::client_row(
+            &settings,
+            Some(digest),
+            "demo",
+            now,
+        )?)
         .await?;
-    Ok(DemoClient { client_id: DEMO_CLIENT_ID.into(), secret, redirect_uri })
+    Ok(DemoClient {
+        client_id: DEMO_CLIENT_ID.into(),
+        secret,
+        redirect_uri,
+    })
 }
 
 pub fn print_banner(state: &AppState) {
@@ -71,17 +93,27 @@ struct Pending {
     verifier: String,
 }
 
-async fn oidc_client(state: &AppState) -> anyhow::Result<(CoreClient<
-    openidconnect::EndpointSet,
-    openidconnect::EndpointNotSet,
-    openidconnect::EndpointNotSet,
-    openidconnect::EndpointNotSet,
-    openidconnect::EndpointMaybeSet,
-    openidconnect::EndpointMaybeSet,
->, reqwest::Client)> {
-    let demo = state.demo.as_ref().ok_or_else(|| anyhow::anyhow!("demo disabled"))?;
+async fn oidc_client(
+    state: &AppState,
+) -> anyhow::Result<(
+    CoreClient<
+        openidconnect::EndpointSet,
+        openidconnect::EndpointNotSet,
+        openidconnect::EndpointNotSet,
+        openidconnect::EndpointNotSet,
+        openidconnect::EndpointMaybeSet,
+        openidconnect::EndpointMaybeSet,
+    >,
+    reqwest::Client,
+)> {
+    let demo = state
+        .demo
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("demo disabled"))?;
     let http = state.http.clone();
-    let metadata = CoreProviderMetadata::discover_async(IssuerUrl::new(state.config.issuer.clone())?, &http).await?;
+    let metadata =
+        CoreProviderMetadata::discover_async(IssuerUrl::new(state.config.issuer.clone())?, &http)
+            .await?;
     let client = CoreClient::from_provider_metadata(
         metadata,
         ClientId::new(demo.client_id.clone()),
@@ -96,11 +128,19 @@ pub struct StartQuery {
     level: Option<String>,
 }
 
-pub async fn demo_page(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, PageError> {
+pub async fn demo_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
     render(&state, &headers, None, None)
 }
 
-fn render(state: &AppState, headers: &HeaderMap, result: Option<minijinja::Value>, error: Option<String>) -> Result<Response, PageError> {
+fn render(
+    state: &AppState,
+    headers: &HeaderMap,
+    result: Option<minijinja::Value>,
+    error: Option<String>,
+) -> Result<Response, PageError> {
     let browser = Browser::from_headers(state, headers);
     let locale = state.locale_for(headers, None, None);
     let ctx = context! {
@@ -112,12 +152,23 @@ fn render(state: &AppState, headers: &HeaderMap, result: Option<minijinja::Value
     state.page(locale, "demo.html", ctx, &browser, headers)
 }
 
-pub async fn demo_start(State(state): State<AppState>, Query(query): Query<StartQuery>) -> Result<Response, PageError> {
+pub async fn demo_start(
+    State(state): State<AppState>,
+    Query(query): Query<StartQuery>,
+) -> Result<Response, PageError> {
     let (client, _) = oidc_client(&state).await?;
-    let acr = if query.level.as_deref() == Some("second-password") { ACR_SECOND_PASSWORD } else { ACR_PASSWORD };
+    let acr = if query.level.as_deref() == Some("second-password") {
+        ACR_SECOND_PASSWORD
+    } else {
+        ACR_PASSWORD
+    };
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
     let (url, csrf, nonce) = client
-        .authorize_url(CoreAuthenticationFlow::AuthorizationCode, CsrfToken::new_random, Nonce::new_random)
+        .authorize_url(
+            CoreAuthenticationFlow::AuthorizationCode,
+            CsrfToken::new_random,
+            Nonce::new_random,
+        )
         .add_scope(Scope::new("profile".into()))
         .add_scope(Scope::new("email".into()))
         .add_scope(Scope::new("student".into()))
@@ -131,9 +182,10 @@ pub async fn demo_start(State(state): State<AppState>, Query(query): Query<Start
     };
     let cookie = b64url(&serde_json::to_vec(&pending).map_err(anyhow::Error::from)?);
     let mut response = see_other(url.as_str());
-    response
-        .headers_mut()
-        .append(header::SET_COOKIE, set_cookie(&state, DEMO_COOKIE, &cookie, Some(3600)));
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(&state, DEMO_COOKIE, &cookie, Some(3600)),
+    );
     Ok(response)
 }
 
@@ -151,14 +203,25 @@ pub async fn demo_callback(
     Query(callback): Query<Callback>,
 ) -> Result<Response, PageError> {
     if let Some(error) = callback.error {
-        let text = format!("{error}: {}", callback.error_description.unwrap_or_default());
+        let text = format!(
+            "{error}: {}",
+            callback.error_description.unwrap_or_default()
+        );
         return render(&state, &headers, None, Some(text));
     }
-    let pending: Option<Pending> = read_cookie(&headers, &crate::auth::session::cookie_name(&state, DEMO_COOKIE))
-        .and_then(|c| b64url_decode(&c))
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let pending: Option<Pending> = read_cookie(
+        &headers,
+        &crate::auth::session::cookie_name(&state, DEMO_COOKIE),
+    )
+    .and_then(|c| b64url_decode(&c))
+    .and_then(|b| serde_json::from_slice(&b).ok());
     let Some(pending) = pending.filter(|p| Some(&p.state) == callback.state.as_ref()) else {
-        return render(&state, &headers, None, Some("state mismatch: start again".into()));
+        return render(
+            &state,
+            &headers,
+            None,
+            Some("state mismatch: start again".into()),
+        );
     };
     match exchange(&state, pending, callback.code.unwrap_or_default()).await {
         Ok(result) => render(&state, &headers, Some(result), None),
@@ -166,16 +229,25 @@ pub async fn demo_callback(
     }
 }
 
-async fn exchange(state: &AppState, pending: Pending, code: String) -> anyhow::Result<minijinja::Value> {
+async fn exchange(
+    state: &AppState,
+    pending: Pending,
+    code: String,
+) -> anyhow::Result<minijinja::Value> {
     let (client, http) = oidc_client(state).await?;
     let tokens = client
         .exchange_code(AuthorizationCode::new(code))?
         .set_pkce_verifier(PkceCodeVerifier::new(pending.verifier))
         .request_async(&http)
         .await?;
-    let id_token = tokens.id_token().ok_or_else(|| anyhow::anyhow!("no ID token"))?;
+    let id_token = tokens
+        .id_token()
+        .ok_or_else(|| anyhow::anyhow!("no ID token"))?;
     let claims = id_token.claims(&client.id_token_verifier(), &Nonce::new(pending.nonce))?;
-    let acr = claims.auth_context_ref().map(|a| a.to_string()).unwrap_or_default();
+    let acr = claims
+        .auth_context_ref()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     // Show every claim as sent (the typed claims drop nidan's own, such as student_id).
     let raw_claims: serde_json::Value = id_token
         .to_string()

@@ -30,19 +30,31 @@ impl PageError {
         }
     }
     pub fn bad_request(message_key: &'static str, detail: impl Into<String>) -> Self {
-        Self { detail: Some(detail.into()), ..Self::new(StatusCode::BAD_REQUEST, message_key) }
+        Self {
+            detail: Some(detail.into()),
+            ..Self::new(StatusCode::BAD_REQUEST, message_key)
+        }
     }
     pub fn csrf() -> Self {
-        Self { back_url: Some("/login".into()), ..Self::new(StatusCode::FORBIDDEN, "error_csrf") }
+        Self {
+            back_url: Some("/login".into()),
+            ..Self::new(StatusCode::FORBIDDEN, "error_csrf")
+        }
     }
     pub fn expired() -> Self {
-        Self { back_url: Some("/login".into()), ..Self::new(StatusCode::BAD_REQUEST, "error_request_expired") }
+        Self {
+            back_url: Some("/login".into()),
+            ..Self::new(StatusCode::BAD_REQUEST, "error_request_expired")
+        }
     }
     pub fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "error_not_found")
     }
     pub fn unavailable() -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "error_directory_unavailable")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "error_directory_unavailable",
+        )
     }
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
@@ -85,7 +97,11 @@ pub struct OAuthError {
 
 impl OAuthError {
     pub fn new(error: &'static str, description: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, error, description: description.into() }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            error,
+            description: description.into(),
+        }
     }
     pub fn invalid_request(description: impl Into<String>) -> Self {
         Self::new("invalid_request", description)
@@ -94,7 +110,10 @@ impl OAuthError {
         Self::new("invalid_grant", description)
     }
     pub fn invalid_client(description: impl Into<String>) -> Self {
-        Self { status: StatusCode::UNAUTHORIZED, ..Self::new("invalid_client", description) }
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            ..Self::new("invalid_client", description)
+        }
     }
     pub fn server_error(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
@@ -144,16 +163,32 @@ pub struct BearerError {
 
 impl BearerError {
     pub fn missing() -> Self {
-        Self { status: StatusCode::UNAUTHORIZED, error: None, description: "" }
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            error: None,
+            description: "",
+        }
     }
     pub fn invalid_token(description: &'static str) -> Self {
-        Self { status: StatusCode::UNAUTHORIZED, error: Some("invalid_token"), description }
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            error: Some("invalid_token"),
+            description,
+        }
     }
     pub fn invalid_request(description: &'static str) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, error: Some("invalid_request"), description }
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            error: Some("invalid_request"),
+            description,
+        }
     }
     pub fn insufficient_scope(description: &'static str) -> Self {
-        Self { status: StatusCode::FORBIDDEN, error: Some("insufficient_scope"), description }
+        Self {
+            status: StatusCode::FORBIDDEN,
+            error: Some("insufficient_scope"),
+            description,
+        }
     }
 }
 

@@ -26,7 +26,11 @@ async fn run(args: &[&str], stdin: Option<&str>) -> Output {
     let mut command = nidan();
     command
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let input = stdin.map(str::to_string);
@@ -74,10 +78,21 @@ async fn help_exits_zero() {
     let output = run(&["--help"], None).await;
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
-    for command in ["serve", "check-config", "migrate", "client", "keys", "hash-password"] {
+    for command in [
+        "serve",
+        "check-config",
+        "migrate",
+        "client",
+        "keys",
+        "hash-password",
+    ] {
         assert!(text.contains(command), "--help lists {command}: {text}");
     }
-    for sub in [&["client", "--help"][..], &["keys", "--help"], &["serve", "--help"]] {
+    for sub in [
+        &["client", "--help"][..],
+        &["keys", "--help"],
+        &["serve", "--help"],
+    ] {
         let output = run(sub, None).await;
         assert!(output.status.success(), "{sub:?}");
     }
@@ -90,7 +105,10 @@ async fn hash_password_reads_stdin_and_prints_an_argon2id_phc_string() {
     let text = stdout(&output);
     let hash = text.trim();
     assert_eq!(text.lines().count(), 1, "{text}");
-    assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+    assert!(
+        hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{hash}"
+    );
     let parsed = PasswordHash::new(hash).unwrap();
     assert!(argon2::Argon2::default()
         .verify_password(b"Daigaku-Pass-1", &parsed)
@@ -144,7 +162,11 @@ redirect_uris = ["not a url"]
     );
     let path = write(dir.path(), "nidan.toml", &config);
     let output = run(&["--config", &path, "check-config"], None).await;
-    assert!(!output.status.success(), "a bad file fails: {}", stdout(&output));
+    assert!(
+        !output.status.success(),
+        "a bad file fails: {}",
+        stdout(&output)
+    );
     let text = stderr(&output) + &stdout(&output);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let find = |needle: &str| {
@@ -159,7 +181,8 @@ redirect_uris = ["not a url"]
     let secret = find("no-such.secret");
     let issuer = find("idp.example.ac.jp");
     assert!(issuer.contains("https"), "{issuer}");
-    let distinct: std::collections::HashSet<_> = [unknown, url, secret, issuer].into_iter().collect();
+    let distinct: std::collections::HashSet<_> =
+        [unknown, url, secret, issuer].into_iter().collect();
     assert_eq!(distinct.len(), 4, "one line per problem:\n{text}");
 }
 
@@ -167,7 +190,11 @@ redirect_uris = ["not a url"]
 async fn missing_config_file_is_explained() {
     let output = run(&["--config", "/no/such/nidan.toml", "check-config"], None).await;
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("/no/such/nidan.toml"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("/no/such/nidan.toml"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[tokio::test]
@@ -226,7 +253,9 @@ async fn client_add_list_show_remove() {
 
     // The running server knows the new client at once.
     let auth = Auth::Basic("rp-cli".into(), secret.clone());
-    let reply = app.token(&auth, &[("grant_type", "client_credentials")]).await;
+    let reply = app
+        .token(&auth, &[("grant_type", "client_credentials")])
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
 
     let list = operator(&app, &["client", "list"]).await;
@@ -234,13 +263,22 @@ async fn client_add_list_show_remove() {
         .lines()
         .find(|l| l.starts_with("rp-cli"))
         .unwrap_or_else(|| panic!("rp-cli listed: {list}"));
-    assert!(line.contains("client_secret_basic") && line.contains("cli"), "{line}");
-    assert!(list.lines().any(|l| l.starts_with("rp-basic")), "config clients too: {list}");
+    assert!(
+        line.contains("client_secret_basic") && line.contains("cli"),
+        "{line}"
+    );
+    assert!(
+        list.lines().any(|l| l.starts_with("rp-basic")),
+        "config clients too: {list}"
+    );
     assert!(!list.contains(&secret), "the secret is shown only once");
 
     let show = operator(&app, &["client", "show", "rp-cli"]).await;
     assert!(show.contains(REDIRECT_URI), "{show}");
-    assert!(!show.contains(&secret), "the secret is shown only once: {show}");
+    assert!(
+        !show.contains(&secret),
+        "the secret is shown only once: {show}"
+    );
 
     let again = run(
         &[
@@ -260,7 +298,9 @@ async fn client_add_list_show_remove() {
     operator(&app, &["client", "remove", "rp-cli"]).await;
     let list = operator(&app, &["client", "list"]).await;
     assert!(!list.lines().any(|l| l.starts_with("rp-cli")), "{list}");
-    let reply = app.token(&auth, &[("grant_type", "client_credentials")]).await;
+    let reply = app
+        .token(&auth, &[("grant_type", "client_credentials")])
+        .await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{reply:?}");
 
     let config_client = run(
@@ -310,7 +350,11 @@ fn key_rows(text: &str) -> Vec<(String, String, String)> {
         .skip(1)
         .map(|l| {
             let cols: Vec<&str> = l.split('\t').collect();
-            (cols[0].to_string(), cols[1].to_string(), cols[2].to_string())
+            (
+                cols[0].to_string(),
+                cols[1].to_string(),
+                cols[2].to_string(),
+            )
         })
         .collect()
 }
@@ -320,7 +364,10 @@ async fn keys_list_and_rotate() {
     let app = TestApp::sqlite().await;
     let rows = key_rows(&operator(&app, &["keys", "list"]).await);
     for alg in ["RS256", "ES256", "EdDSA"] {
-        let signing: Vec<_> = rows.iter().filter(|r| r.1 == alg && r.2 == "signing").collect();
+        let signing: Vec<_> = rows
+            .iter()
+            .filter(|r| r.1 == alg && r.2 == "signing")
+            .collect();
         assert_eq!(signing.len(), 1, "one signing {alg} key: {rows:?}");
     }
     let old_rs = rows.iter().find(|r| r.1 == "RS256").unwrap().0.clone();
@@ -347,10 +394,20 @@ async fn keys_list_and_rotate() {
     let new_es = es.iter().find(|r| r.0 != old_es).unwrap();
     assert_eq!(new_es.2, "signing");
     let old = es.iter().find(|r| r.0 == old_es).unwrap();
-    assert_eq!(old.2, "published, replaced", "kept in JWKS for tokens it signed");
+    assert_eq!(
+        old.2, "published, replaced",
+        "kept in JWKS for tokens it signed"
+    );
 
     let bad = run(
-        &["--config", &app.config_path.display().to_string(), "keys", "rotate", "--alg", "HS256"],
+        &[
+            "--config",
+            &app.config_path.display().to_string(),
+            "keys",
+            "rotate",
+            "--alg",
+            "HS256",
+        ],
         None,
     )
     .await;

@@ -20,16 +20,27 @@ on_both_backends!(
 async fn error_redirect(app: &TestApp, authz: &Authz, error: &str) {
     let reply = app.browser().get(&authz.url(&app.issuer)).await;
     let params = reply.callback();
-    assert_eq!(params.get("error").map(String::as_str), Some(error), "{reply:?}");
+    assert_eq!(
+        params.get("error").map(String::as_str),
+        Some(error),
+        "{reply:?}"
+    );
     assert_eq!(params.get("state").map(String::as_str), Some(authz.state()));
-    assert_eq!(params.get("iss"), Some(&app.issuer), "iss in every response");
+    assert_eq!(
+        params.get("iss"),
+        Some(&app.issuer),
+        "iss in every response"
+    );
     assert!(!params.contains_key("code"));
 }
 
 /// Opens `url` and expects the HTML error page with `status` and no redirect.
 async fn error_page(app: &TestApp, url: &str, status: StatusCode) -> Reply {
     let reply = app.browser().get(url).await;
-    assert!(reply.is_error_page(status), "expected an error page: {reply:?}");
+    assert!(
+        reply.is_error_page(status),
+        "expected an error page: {reply:?}"
+    );
     assert!(reply.body.contains("role=\"alert\""), "{reply:?}");
     reply
 }
@@ -71,10 +82,17 @@ async fn error_pages_follow_the_language() {
     let app = TestApp::sqlite().await;
     let url = Authz::new("rp-nobody").url(&app.issuer);
     let ja = app.browser().get(&url).await;
-    assert!(ja.body.contains("<html lang=\"ja\""), "Japanese by default: {ja:?}");
+    assert!(
+        ja.body.contains("<html lang=\"ja\""),
+        "Japanese by default: {ja:?}"
+    );
     let en = app
         .browser()
-        .send(app.http.get(&url).header("accept-language", "en-US,en;q=0.9"))
+        .send(
+            app.http
+                .get(&url)
+                .header("accept-language", "en-US,en;q=0.9"),
+        )
         .await;
     assert!(en.body.contains("<html lang=\"en\""), "{en:?}");
 }
@@ -88,10 +106,9 @@ async fn duplicate_parameters_are_an_error() {
         let reply = app.browser().get(&authz.url(&app.issuer)).await;
         let as_page = reply.is_error_page(StatusCode::BAD_REQUEST);
         let as_redirect = reply.status == StatusCode::SEE_OTHER
-            && reply
-                .location
-                .as_deref()
-                .is_some_and(|l| l.starts_with(REDIRECT_URI) && l.contains("error=invalid_request"));
+            && reply.location.as_deref().is_some_and(|l| {
+                l.starts_with(REDIRECT_URI) && l.contains("error=invalid_request")
+            });
         assert!(as_page || as_redirect, "duplicate {name}: {reply:?}");
     }
 }
@@ -177,15 +194,25 @@ async fn login_hint_fills_in_the_user_id() {
         .find(|f| f.action == "/login")
         .unwrap();
     assert_eq!(form.value("username"), Some(TARO.username));
-    assert_eq!(form.value("password"), Some(""), "password fields are always empty");
+    assert_eq!(
+        form.value("password"),
+        Some(""),
+        "password fields are always empty"
+    );
 }
-
 
 #[tokio::test]
 async fn oversized_bodies_are_refused_without_a_server_error() {
     let app = TestApp::sqlite().await;
     let big = "x".repeat(200 * 1024);
-    for path in ["/token", "/authorize", "/login", "/userinfo", "/introspect", "/logout"] {
+    for path in [
+        "/token",
+        "/authorize",
+        "/login",
+        "/userinfo",
+        "/introspect",
+        "/logout",
+    ] {
         let reply = app
             .http
             .post(app.url(path))
@@ -279,29 +306,54 @@ async fn discovery_lists_what_relying_parties_need() {
     assert_eq!(list("response_types_supported"), ["code"]);
     assert_eq!(list("code_challenge_methods_supported"), ["S256"]);
     for grant in ["authorization_code", "refresh_token", "client_credentials"] {
-        assert!(list("grant_types_supported").contains(&grant.to_string()), "{grant}");
+        assert!(
+            list("grant_types_supported").contains(&grant.to_string()),
+            "{grant}"
+        );
     }
     for acr in [ACR_PASSWORD, ACR_SECOND_PASSWORD] {
-        assert!(list("acr_values_supported").contains(&acr.to_string()), "{acr}");
+        assert!(
+            list("acr_values_supported").contains(&acr.to_string()),
+            "{acr}"
+        );
     }
     for alg in ["RS256", "ES256", "EdDSA"] {
         assert!(list("id_token_signing_alg_values_supported").contains(&alg.to_string()));
     }
-    for method in ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"] {
+    for method in [
+        "client_secret_basic",
+        "client_secret_post",
+        "private_key_jwt",
+        "none",
+    ] {
         assert!(list("token_endpoint_auth_methods_supported").contains(&method.to_string()));
     }
     for scope in ["openid", "profile", "email", "student", "offline_access"] {
-        assert!(list("scopes_supported").contains(&scope.to_string()), "{scope}");
+        assert!(
+            list("scopes_supported").contains(&scope.to_string()),
+            "{scope}"
+        );
     }
     for subject in ["public", "pairwise"] {
         assert!(list("subject_types_supported").contains(&subject.to_string()));
     }
     let claims = list("claims_supported");
     for claim in [
-        "sub", "acr", "amr", "auth_time", "sid", "name", "email", "email_verified",
-        "preferred_username", "student_id",
+        "sub",
+        "acr",
+        "amr",
+        "auth_time",
+        "sid",
+        "name",
+        "email",
+        "email_verified",
+        "preferred_username",
+        "student_id",
     ] {
-        assert!(claims.contains(&claim.to_string()), "claims_supported has {claim}");
+        assert!(
+            claims.contains(&claim.to_string()),
+            "claims_supported has {claim}"
+        );
     }
     assert_eq!(d["claims_parameter_supported"], true);
     assert_eq!(d["request_parameter_supported"], false);
@@ -326,7 +378,10 @@ async fn jwks_publishes_only_public_keys_with_unique_kids() {
     let mut kinds = HashSet::new();
     for key in keys {
         for private in ["d", "p", "q", "dp", "dq", "qi", "k"] {
-            assert!(key.get(private).is_none(), "private member {private} in {key}");
+            assert!(
+                key.get(private).is_none(),
+                "private member {private} in {key}"
+            );
         }
         let kid = key["kid"].as_str().expect("every key has a kid");
         assert!(kids.insert(kid.to_string()), "duplicate kid {kid}");
@@ -338,7 +393,10 @@ async fn jwks_publishes_only_public_keys_with_unique_kids() {
         assert!(key.get("use").is_none_or(|u| u == "sig"), "{key}");
     }
     for kty in ["RSA", "EC", "OKP"] {
-        assert!(kinds.contains(kty), "a {kty} key for RS256/ES256/EdDSA: {jwks}");
+        assert!(
+            kinds.contains(kty),
+            "a {kty} key for RS256/ES256/EdDSA: {jwks}"
+        );
     }
 }
 
@@ -355,12 +413,20 @@ async fn pages_carry_the_security_headers() {
     assert_eq!(page.header("referrer-policy"), Some("no-referrer"));
     assert_eq!(page.header("cache-control"), Some("no-store"));
     assert!(page.header("x-powered-by").is_none());
-    assert!(page.header("server").is_none_or(|s| !s.chars().any(|c| c.is_ascii_digit())));
-    assert!(page.header("strict-transport-security").is_none(), "no HSTS on http");
+    assert!(page
+        .header("server")
+        .is_none_or(|s| !s.chars().any(|c| c.is_ascii_digit())));
+    assert!(
+        page.header("strict-transport-security").is_none(),
+        "no HSTS on http"
+    );
     assert!(page
         .body
         .contains("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"));
-    assert!(!page.body.contains("<script"), "pages work without JavaScript");
+    assert!(
+        !page.body.contains("<script"),
+        "pages work without JavaScript"
+    );
 }
 
 #[tokio::test]
@@ -445,7 +511,9 @@ async fn pending_requests_belong_to_their_browser() {
                 .all(|f| f.value("tx").is_none()),
         "another browser must not continue this request: {reply:?}"
     );
-    let unknown = browser.get("/login?tx=0123456789abcdef0123456789abcdef").await;
+    let unknown = browser
+        .get("/login?tx=0123456789abcdef0123456789abcdef")
+        .await;
     assert!(unknown.status.is_client_error(), "{unknown:?}");
 }
 

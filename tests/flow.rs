@@ -55,10 +55,16 @@ async fn code_flow_as_an_openidconnect_relying_party(backend: Backend) {
     assert_eq!(claims["amr"], json!(["pwd"]), "never mfa: {claims}");
     assert_eq!(claims["auth_time"], json!(login_time));
     assert_eq!(claims["nonce"], *started.nonce.secret());
-    assert!(claims["sid"].as_str().is_some_and(|s| !s.is_empty()), "{claims}");
+    assert!(
+        claims["sid"].as_str().is_some_and(|s| !s.is_empty()),
+        "{claims}"
+    );
     assert!(claims["at_hash"].is_string());
     let sub = claims["sub"].as_str().expect("sub").to_string();
-    assert!(!sub.contains(TARO.username), "sub must not leak the user ID: {sub}");
+    assert!(
+        !sub.contains(TARO.username),
+        "sub must not leak the user ID: {sub}"
+    );
     assert!(!claims.to_string().contains("mfa"));
 
     let userinfo = rp.userinfo(&tokens, &sub).await;
@@ -84,7 +90,11 @@ async fn second_password_login_reaches_the_second_password_level(backend: Backen
     let tokens = rp.exchange(&reply.code(), started.verifier).await;
     let claims = rp.verify(&tokens, &started.nonce, "RS256");
     assert_eq!(claims["acr"], ACR_SECOND_PASSWORD);
-    assert_eq!(claims["amr"], json!(["pwd"]), "both factors are passwords: {claims}");
+    assert_eq!(
+        claims["amr"],
+        json!(["pwd"]),
+        "both factors are passwords: {claims}"
+    );
     assert_eq!(claims["auth_time"], json!(app.now()));
 }
 
@@ -138,7 +148,11 @@ async fn existing_session_issues_a_code_without_the_login_page(backend: Backend)
     let (a, b) = (first.id_claims(), second.id_claims());
     assert_eq!(a["sid"], b["sid"], "same browser session, same sid");
     assert_eq!(a["sub"], b["sub"]);
-    assert_eq!(b["auth_time"], json!(login_time), "no new authentication happened");
+    assert_eq!(
+        b["auth_time"],
+        json!(login_time),
+        "no new authentication happened"
+    );
 }
 
 async fn idle_timeout_asks_for_the_login_again(backend: Backend) {
@@ -148,7 +162,10 @@ async fn idle_timeout_asks_for_the_login_again(backend: Backend) {
         .await;
     app.advance(16 * 60);
     let page = browser.open(&Authz::new("rp-basic").url(&app.issuer)).await;
-    assert!(page.is_login_page(), "idle session must not be used: {page:?}");
+    assert!(
+        page.is_login_page(),
+        "idle session must not be used: {page:?}"
+    );
 }
 
 async fn using_the_session_restarts_the_idle_timer(backend: Backend) {
@@ -245,7 +262,10 @@ async fn acr_values_second_password_asks_only_for_the_second_password(backend: B
     app.advance(30);
     let authz = Authz::new("rp-basic").set("acr_values", ACR_SECOND_PASSWORD);
     let page = browser.open(&authz.url(&app.issuer)).await;
-    assert!(page.is_step_up_page(), "step-up, not the full login: {page:?}");
+    assert!(
+        page.is_step_up_page(),
+        "step-up, not the full login: {page:?}"
+    );
     let reply = browser
         .submit_step_up(&page, TARO.second_password.unwrap())
         .await;
@@ -274,7 +294,10 @@ async fn client_min_acr_asks_for_the_step_up(backend: Backend) {
     let page = browser.open(&authz.url(&app.issuer)).await;
     assert!(page.is_step_up_page(), "{page:?}");
     let wrong = browser.submit_step_up(&page, "Wrong-second-1").await;
-    assert!(wrong.is_step_up_page(), "a wrong second password: the form again");
+    assert!(
+        wrong.is_step_up_page(),
+        "a wrong second password: the form again"
+    );
     assert!(wrong.body.contains("role=\"alert\""), "{wrong:?}");
     let reply = browser
         .submit_step_up(&wrong, TARO.second_password.unwrap())
@@ -287,7 +310,9 @@ async fn second_password_level_for_an_unenrolled_student_issues_no_code(backend:
     let app = TestApp::start(backend).await;
     let browser = app.browser();
     let authz = Authz::new("rp-basic").set("acr_values", ACR_SECOND_PASSWORD);
-    let reply = browser.sign_in(&authz.url(&app.issuer), &HANAKO, Level::Password).await;
+    let reply = browser
+        .sign_in(&authz.url(&app.issuer), &HANAKO, Level::Password)
+        .await;
     assert!(!reply.status.is_server_error(), "{reply:?}");
     let reply = browser.follow(reply).await;
     let gave_code = reply.status == StatusCode::SEE_OTHER
@@ -295,7 +320,10 @@ async fn second_password_level_for_an_unenrolled_student_issues_no_code(backend:
             .location
             .as_deref()
             .is_some_and(|l| l.starts_with(REDIRECT_URI) && l.contains("code="));
-    assert!(!gave_code, "an unenrolled student cannot reach the second-password level: {reply:?}");
+    assert!(
+        !gave_code,
+        "an unenrolled student cannot reach the second-password level: {reply:?}"
+    );
 }
 
 async fn another_student_on_the_same_browser_ends_the_first_session(backend: Backend) {
@@ -311,7 +339,11 @@ async fn another_student_on_the_same_browser_ends_the_first_session(backend: Bac
         .await;
     let jiro = app.exchange(&authz, &reply.code()).await;
     assert_ne!(taro.id_claims()["sub"], jiro.id_claims()["sub"]);
-    assert_ne!(taro.id_claims()["sid"], jiro.id_claims()["sid"], "a new session");
+    assert_ne!(
+        taro.id_claims()["sid"],
+        jiro.id_claims()["sid"],
+        "a new session"
+    );
     let refreshed = app.refresh("rp-basic", taro.refresh()).await;
     assert_eq!(
         refreshed.error(),
@@ -343,12 +375,13 @@ async fn wrong_password_shows_the_form_again_without_the_password() {
     let authz = Authz::new("rp-basic");
     let page = browser.open(&authz.url(&app.issuer)).await;
     let typed = "Wrong-Password-xyz";
-    let reply = browser
-        .submit_login(&page, TARO.username, typed, "")
-        .await;
+    let reply = browser.submit_login(&page, TARO.username, typed, "").await;
     assert!(reply.is_login_page(), "{reply:?}");
     assert!(reply.body.contains("role=\"alert\""), "{reply:?}");
-    assert!(!reply.body.contains(typed), "the rejected password is never shown");
+    assert!(
+        !reply.body.contains(typed),
+        "the rejected password is never shown"
+    );
     assert!(!browser.has_session());
     // Unknown user: the same page.
     let page = browser.open(&authz.url(&app.issuer)).await;
@@ -395,7 +428,11 @@ async fn login_answers_with_303_and_sets_safe_cookies() {
     let reply = browser
         .submit_login(&page, TARO.username, TARO.password, "")
         .await;
-    assert_eq!(reply.status, StatusCode::SEE_OTHER, "303 after the POST, never 307/308");
+    assert_eq!(
+        reply.status,
+        StatusCode::SEE_OTHER,
+        "303 after the POST, never 307/308"
+    );
     let cookies: Vec<&str> = reply
         .headers
         .get_all("set-cookie")
@@ -409,7 +446,10 @@ async fn login_answers_with_303_and_sets_safe_cookies() {
     let lower = session.to_ascii_lowercase();
     assert!(lower.contains("httponly"), "{session}");
     assert!(lower.contains("samesite=lax"), "{session}");
-    assert!(!lower.contains("secure"), "no Secure on a loopback http issuer: {session}");
+    assert!(
+        !lower.contains("secure"),
+        "no Secure on a loopback http issuer: {session}"
+    );
     assert!(lower.contains("path=/"), "{session}");
 }
 
@@ -429,10 +469,16 @@ async fn claims_parameter_releases_claims_by_name() {
     let id = tokens.id_claims();
     assert_eq!(id["email"], TARO.email.unwrap(), "{id}");
     assert_eq!(id["preferred_username"], TARO.username, "{id}");
-    assert!(id.get("student_id").is_none(), "not asked for in the ID token: {id}");
+    assert!(
+        id.get("student_id").is_none(),
+        "not asked for in the ID token: {id}"
+    );
     let userinfo = app.userinfo(&tokens.access_token).await.json();
     assert_eq!(userinfo["student_id"], "S2401001", "{userinfo}");
-    assert!(userinfo.get("name").is_none(), "profile was not granted: {userinfo}");
+    assert!(
+        userinfo.get("name").is_none(),
+        "profile was not granted: {userinfo}"
+    );
 }
 
 #[tokio::test]
@@ -473,13 +519,24 @@ async fn pairwise_clients_see_their_own_sub() {
     let authz = Authz::new("rp-pairwise").set("scope", "openid profile");
     let code = browser.get(&authz.url(&app.issuer)).await.code();
     let pairwise = app.exchange(&authz, &code).await;
-    let (public_sub, pairwise_sub) = (public.id_claims()["sub"].clone(), pairwise.id_claims()["sub"].clone());
+    let (public_sub, pairwise_sub) = (
+        public.id_claims()["sub"].clone(),
+        pairwise.id_claims()["sub"].clone(),
+    );
     assert_ne!(public_sub, pairwise_sub);
     let userinfo = app.userinfo(&pairwise.access_token).await.json();
-    assert_eq!(userinfo["sub"], pairwise_sub, "userinfo uses the same pairwise sub");
+    assert_eq!(
+        userinfo["sub"], pairwise_sub,
+        "userinfo uses the same pairwise sub"
+    );
     // Stable: a second login gives the same pairwise sub.
     let again = app
-        .tokens_with(&app.browser(), Authz::new("rp-pairwise").set("scope", "openid"), &TARO, Level::Password)
+        .tokens_with(
+            &app.browser(),
+            Authz::new("rp-pairwise").set("scope", "openid"),
+            &TARO,
+            Level::Password,
+        )
         .await;
     assert_eq!(again.id_claims()["sub"], pairwise_sub);
 }
@@ -491,7 +548,12 @@ async fn login_page_without_a_pending_request_leads_to_the_account_page() {
     let page = browser.get("/login").await;
     assert!(page.is_login_page(), "{page:?}");
     let reply = browser
-        .submit_login(&page, TARO.username, TARO.password, TARO.second_password.unwrap())
+        .submit_login(
+            &page,
+            TARO.username,
+            TARO.password,
+            TARO.second_password.unwrap(),
+        )
         .await;
     assert!(reply.is_redirect_to("/account"), "{reply:?}");
     let account = browser.get("/account").await;
@@ -506,7 +568,8 @@ async fn essential_acr_claim_asks_for_the_step_up() {
     let browser = app.browser();
     app.tokens_with(&browser, Authz::new("rp-basic"), &TARO, Level::Password)
         .await;
-    let claims = json!({ "id_token": { "acr": { "essential": true, "values": [ACR_SECOND_PASSWORD] } } });
+    let claims =
+        json!({ "id_token": { "acr": { "essential": true, "values": [ACR_SECOND_PASSWORD] } } });
     let authz = Authz::new("rp-basic").set("claims", &claims.to_string());
     let page = browser.open(&authz.url(&app.issuer)).await;
     assert!(page.is_step_up_page(), "{page:?}");
@@ -534,8 +597,13 @@ async fn the_lowest_listed_acr_the_session_meets_is_enough() {
 async fn a_second_password_session_answers_password_level_clients_at_its_level() {
     let app = TestApp::sqlite().await;
     let browser = app.browser();
-    app.tokens_with(&browser, Authz::new("rp-basic"), &TARO, Level::SecondPassword)
-        .await;
+    app.tokens_with(
+        &browser,
+        Authz::new("rp-basic"),
+        &TARO,
+        Level::SecondPassword,
+    )
+    .await;
     let authz = Authz::new("rp-other");
     let code = browser.get(&authz.url(&app.issuer)).await.code();
     let tokens = app.exchange(&authz, &code).await;
@@ -613,5 +681,8 @@ async fn sso_false_clients_always_get_a_fresh_login() {
     app.tokens_with(&browser, Authz::new("rp-basic"), &TARO, Level::Password)
         .await;
     let page = browser.open(&Authz::new("rp-kiosk").url(&app.issuer)).await;
-    assert!(page.is_login_page(), "a shared terminal never reuses a session: {page:?}");
+    assert!(
+        page.is_login_page(),
+        "a shared terminal never reuses a session: {page:?}"
+    );
 }

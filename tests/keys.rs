@@ -38,7 +38,11 @@ fn signing_kid(keys: &KeySet, app: &TestApp, alg: &str) -> String {
 /// refresh would).
 async fn reload(app: &TestApp) -> Arc<KeySet> {
     let state = &app.server.state;
-    let keys = Arc::new(KeySet::load(&state.store, &state.kek, app.now()).await.unwrap());
+    let keys = Arc::new(
+        KeySet::load(&state.store, &state.kek, app.now())
+            .await
+            .unwrap(),
+    );
     *state.keys.write().unwrap() = keys.clone();
     keys
 }
@@ -52,15 +56,29 @@ async fn rotation_publishes_the_new_key_first_and_signs_with_it_after_the_delay(
 
     let delay = 24 * 3600;
     let lifetime = 15 * 60;
-    let new = nidan::keys::rotate(&state.store, &state.kek, "RS256", app.now(), delay, lifetime)
-        .await
-        .unwrap();
+    let new = nidan::keys::rotate(
+        &state.store,
+        &state.kek,
+        "RS256",
+        app.now(),
+        delay,
+        lifetime,
+    )
+    .await
+    .unwrap();
     assert_ne!(new.kid, old_kid);
 
     let keys = reload(&app).await;
     let published = kids(&keys.jwks);
-    assert!(published.contains(&old_kid) && published.contains(&new.kid), "{published:?}");
-    assert_eq!(signing_kid(&keys, &app, "RS256"), old_kid, "still the old key");
+    assert!(
+        published.contains(&old_kid) && published.contains(&new.kid),
+        "{published:?}"
+    );
+    assert_eq!(
+        signing_kid(&keys, &app, "RS256"),
+        old_kid,
+        "still the old key"
+    );
 
     // Relying parties see both keys, and tokens still verify.
     let jwks = app.get("/jwks").await;
@@ -68,7 +86,10 @@ async fn rotation_publishes_the_new_key_first_and_signs_with_it_after_the_delay(
     assert!(kids(jwks.body.as_bytes()).contains(&new.kid));
     let rp = app.rp("rp-basic").await;
     let started = rp.start(&[], &[]);
-    let reply = app.browser().sign_in(&started.url, &TARO, Level::Password).await;
+    let reply = app
+        .browser()
+        .sign_in(&started.url, &TARO, Level::Password)
+        .await;
     let tokens = rp.exchange(&reply.code(), started.verifier).await;
     rp.verify(&tokens, &started.nonce, "RS256");
     use openidconnect::TokenResponse;
@@ -86,7 +107,10 @@ async fn rotation_publishes_the_new_key_first_and_signs_with_it_after_the_delay(
     let keys = reload(&app).await;
     assert!(!kids(&keys.jwks).contains(&old_kid));
     assert!(kids(&keys.jwks).contains(&new.kid));
-    assert!(keys.verify_own(&id_token).is_some(), "expired id_token_hints still verify");
+    assert!(
+        keys.verify_own(&id_token).is_some(),
+        "expired id_token_hints still verify"
+    );
     // Other algorithms were not touched.
     assert_eq!(
         signing_kid(&keys, &app, "ES256"),
@@ -107,12 +131,18 @@ async fn rotation_now_signs_with_the_new_key_at_once() {
         .unwrap();
     let keys = reload(&app).await;
     assert_eq!(signing_kid(&keys, &app, "EdDSA"), new.kid);
-    assert!(kids(&keys.jwks).contains(&old_kid), "the old key stays for its tokens");
+    assert!(
+        kids(&keys.jwks).contains(&old_kid),
+        "the old key stays for its tokens"
+    );
 
     // An EdDSA client now gets ID tokens from the new key that verify against JWKS.
     let rp = app.rp("rp-eddsa").await;
     let started = rp.start(&[], &[]);
-    let reply = app.browser().sign_in(&started.url, &TARO, Level::Password).await;
+    let reply = app
+        .browser()
+        .sign_in(&started.url, &TARO, Level::Password)
+        .await;
     let tokens = rp.exchange(&reply.code(), started.verifier).await;
     rp.verify(&tokens, &started.nonce, "EdDSA");
     use openidconnect::TokenResponse;
@@ -131,7 +161,10 @@ async fn a_restarted_server_keeps_its_keys() {
         .unwrap();
     assert_eq!(app.store().list_signing_keys().await.unwrap().len(), 3);
     for row in &rows {
-        assert!(!row.private_jwk_encrypted.contains("\"d\""), "private keys are encrypted at rest");
+        assert!(
+            !row.private_jwk_encrypted.contains("\"d\""),
+            "private keys are encrypted at rest"
+        );
     }
     let again = reload(&app).await;
     assert_eq!(kids(&first.jwks), kids(&again.jwks));

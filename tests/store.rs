@@ -31,7 +31,14 @@ fn now() -> i64 {
 
 async fn account(store: &DynStore, directory_id: &str) -> nidan::store::Account {
     store
-        .upsert_account(directory_id, directory_id, "{}", &random_id(), &random_token(), now())
+        .upsert_account(
+            directory_id,
+            directory_id,
+            "{}",
+            &random_id(),
+            &random_token(),
+            now(),
+        )
         .await
         .unwrap()
 }
@@ -83,7 +90,14 @@ async fn accounts_are_keyed_on_the_directory_id(backend: Backend) {
 
     // Renamed in the directory: same account, same sub, new user ID and claims.
     let renamed = store
-        .upsert_account("uuid-1", "s2401999", r#"{"name":"B"}"#, "id-x", "sub-x", t + 10)
+        .upsert_account(
+            "uuid-1",
+            "s2401999",
+            r#"{"name":"B"}"#,
+            "id-x",
+            "sub-x",
+            t + 10,
+        )
         .await
         .unwrap();
     assert_eq!(renamed.id, "id-1");
@@ -150,7 +164,10 @@ async fn code_is_redeemed_exactly_once_under_concurrency(backend: Backend) {
     }
     let (mut fresh, mut used) = (0, 0);
     while let Some(result) = tasks.join_next().await {
-        match result.unwrap().expect("no database error under concurrency") {
+        match result
+            .unwrap()
+            .expect("no database error under concurrency")
+        {
             Redeemed::Fresh(code) => {
                 fresh += 1;
                 assert_eq!(code.consumed_at, Some(t + 1));
@@ -207,7 +224,10 @@ async fn refresh_token_is_redeemed_exactly_once_under_concurrency(backend: Backe
     }
     let (mut fresh, mut used) = (0, 0);
     while let Some(result) = tasks.join_next().await {
-        match result.unwrap().expect("no database error under concurrency") {
+        match result
+            .unwrap()
+            .expect("no database error under concurrency")
+        {
             Redeemed::Fresh(token) => {
                 fresh += 1;
                 assert_eq!(token.grant_id, grant.id);
@@ -243,7 +263,10 @@ async fn assertion_ids_are_single_use(backend: Backend) {
     }
     let mut firsts = 0;
     while let Some(result) = tasks.join_next().await {
-        if result.unwrap().expect("no database error under concurrency") {
+        if result
+            .unwrap()
+            .expect("no database error under concurrency")
+        {
             firsts += 1;
         }
     }
@@ -271,11 +294,18 @@ async fn sessions_update_and_end(backend: Backend) {
     session.university_password_hash = Some("$argon2id$x".into());
     session.university_password_hash_until = Some(t + 900);
     store.update_session(&session).await.unwrap();
-    assert!(store.find_session_by_cookie(&old_cookie).await.unwrap().is_none());
+    assert!(store
+        .find_session_by_cookie(&old_cookie)
+        .await
+        .unwrap()
+        .is_none());
     let updated = store.get_session(&session.id).await.unwrap().unwrap();
     assert_eq!(updated.cookie_digest, session.cookie_digest);
     assert_eq!(updated.second_password_at, Some(t + 5));
-    assert_eq!(updated.university_password_hash.as_deref(), Some("$argon2id$x"));
+    assert_eq!(
+        updated.university_password_hash.as_deref(),
+        Some("$argon2id$x")
+    );
     assert_eq!(updated.sid, session.sid, "sid stays");
 
     // touch_session only moves forward.
@@ -285,7 +315,10 @@ async fn sessions_update_and_end(backend: Backend) {
     assert_eq!(touched.last_seen_at, t + 60);
 
     assert!(store.end_session(&session.id, t + 100).await.unwrap());
-    assert!(!store.end_session(&session.id, t + 200).await.unwrap(), "ends once");
+    assert!(
+        !store.end_session(&session.id, t + 200).await.unwrap(),
+        "ends once"
+    );
     let ended = store.get_session(&session.id).await.unwrap().unwrap();
     assert_eq!(ended.ended_at, Some(t + 100));
     assert!(
@@ -310,8 +343,14 @@ async fn login_transactions_complete_once(backend: Backend) {
     store.insert_login_transaction(&tx).await.unwrap();
     let loaded = store.get_login_transaction(&tx.id).await.unwrap().unwrap();
     assert_eq!(loaded.browser_digest, tx.browser_digest);
-    assert!(store.complete_login_transaction(&tx.id, t + 1).await.unwrap());
-    assert!(!store.complete_login_transaction(&tx.id, t + 2).await.unwrap());
+    assert!(store
+        .complete_login_transaction(&tx.id, t + 1)
+        .await
+        .unwrap());
+    assert!(!store
+        .complete_login_transaction(&tx.id, t + 2)
+        .await
+        .unwrap());
     let done = store.get_login_transaction(&tx.id).await.unwrap().unwrap();
     assert_eq!(done.completed_at, Some(t + 1));
 }
@@ -337,25 +376,75 @@ async fn grants_revoke_by_session_and_offline_grants_survive(backend: Backend) {
     store.insert_access_token(&access).await.unwrap();
     assert_eq!(store.session_clients("session-1").await.unwrap(), ["rp"]);
 
-    assert_eq!(store.revoke_session_grants("session-1", true, t + 1).await.unwrap(), 1);
-    assert!(store.get_grant(&online.id).await.unwrap().unwrap().revoked_at.is_some());
-    assert!(store.get_grant(&offline.id).await.unwrap().unwrap().revoked_at.is_none());
-    assert!(store.get_grant(&elsewhere.id).await.unwrap().unwrap().revoked_at.is_none());
-    assert_eq!(store.revoke_session_grants("session-1", false, t + 2).await.unwrap(), 1);
-    assert!(store.get_grant(&offline.id).await.unwrap().unwrap().revoked_at.is_some());
+    assert_eq!(
+        store
+            .revoke_session_grants("session-1", true, t + 1)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store
+        .get_grant(&online.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_at
+        .is_some());
+    assert!(store
+        .get_grant(&offline.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_at
+        .is_none());
+    assert!(store
+        .get_grant(&elsewhere.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_at
+        .is_none());
+    assert_eq!(
+        store
+            .revoke_session_grants("session-1", false, t + 2)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(store
+        .get_grant(&offline.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_at
+        .is_some());
 
-    store.revoke_access_token(&access.digest, t + 3).await.unwrap();
-    let revoked = store.find_access_token(&access.digest).await.unwrap().unwrap();
+    store
+        .revoke_access_token(&access.digest, t + 3)
+        .await
+        .unwrap();
+    let revoked = store
+        .find_access_token(&access.digest)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(revoked.revoked_at, Some(t + 3));
     store.revoke_grant(&elsewhere.id, t + 4).await.unwrap();
     store.revoke_grant(&elsewhere.id, t + 5).await.unwrap();
     let grant = store.get_grant(&elsewhere.id).await.unwrap().unwrap();
-    assert_eq!(grant.revoked_at, Some(t + 4), "the first revocation time stays");
+    assert_eq!(
+        grant.revoked_at,
+        Some(t + 4),
+        "the first revocation time stays"
+    );
     store
         .update_grant_claims(&grant.id, r#"{"name":"C"}"#)
         .await
         .unwrap();
-    assert_eq!(store.get_grant(&grant.id).await.unwrap().unwrap().claims, r#"{"name":"C"}"#);
+    assert_eq!(
+        store.get_grant(&grant.id).await.unwrap().unwrap().claims,
+        r#"{"name":"C"}"#
+    );
 }
 
 fn key_row(kid: &str, alg: &str, t: i64) -> SigningKeyRow {
@@ -374,8 +463,14 @@ fn key_row(kid: &str, alg: &str, t: i64) -> SigningKeyRow {
 async fn signing_keys_retire(backend: Backend) {
     let (store, _guard) = bare_store(backend).await;
     let t = now();
-    store.insert_signing_key(&key_row("rs-old", "RS256", t)).await.unwrap();
-    store.insert_signing_key(&key_row("es-1", "ES256", t)).await.unwrap();
+    store
+        .insert_signing_key(&key_row("rs-old", "RS256", t))
+        .await
+        .unwrap();
+    store
+        .insert_signing_key(&key_row("es-1", "ES256", t))
+        .await
+        .unwrap();
     let mut new = key_row("rs-new", "RS256", t + 10);
     new.active_from = t + 86_400;
     store.insert_signing_key(&new).await.unwrap();
@@ -390,7 +485,11 @@ async fn signing_keys_retire(backend: Backend) {
     assert_eq!(get("rs-old").published_until, Some(t + 90_000));
     assert_eq!(get("rs-old").delete_after, Some(t + 200_000));
     assert_eq!(get("rs-new").published_until, None);
-    assert_eq!(get("es-1").published_until, None, "other algorithms untouched");
+    assert_eq!(
+        get("es-1").published_until,
+        None,
+        "other algorithms untouched"
+    );
     // Already retired keys keep their dates.
     let again = store
         .retire_signing_keys("RS256", "rs-new", t + 1, t + 2)
@@ -404,7 +503,11 @@ async fn signing_keys_retire(backend: Backend) {
         .into_iter()
         .map(|k| k.kid)
         .collect();
-    assert_eq!(order.last().map(String::as_str), Some("rs-new"), "ordered by active_from");
+    assert_eq!(
+        order.last().map(String::as_str),
+        Some("rs-new"),
+        "ordered by active_from"
+    );
 }
 
 async fn clients_round_trip(backend: Backend) {

@@ -52,7 +52,10 @@ async fn code_reuse_is_refused_and_revokes_what_the_code_issued(backend: Backend
         false,
         "a replayed code revokes the tokens it issued"
     );
-    assert_eq!(app.userinfo(&first.access_token).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        app.userinfo(&first.access_token).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     let refresh = app.refresh("rp-basic", first.refresh()).await;
     assert_eq!(refresh.error(), "invalid_grant", "{refresh:?}");
 }
@@ -87,7 +90,10 @@ async fn refresh_rotates_and_reuse_revokes_the_whole_grant(backend: Backend) {
     assert_eq!(a["sub"], b["sub"]);
     assert_eq!(a["sid"], b["sid"]);
     assert_eq!(a["acr"], b["acr"]);
-    assert_eq!(a["auth_time"], b["auth_time"], "a refresh is not a new authentication");
+    assert_eq!(
+        a["auth_time"], b["auth_time"],
+        "a refresh is not a new authentication"
+    );
     assert!(b.get("nonce").is_none() || b["nonce"] == a["nonce"], "{b}");
 
     // The old refresh token is rejected…
@@ -96,7 +102,10 @@ async fn refresh_rotates_and_reuse_revokes_the_whole_grant(backend: Backend) {
     assert_eq!(reuse.error(), "invalid_grant");
     // …and its reuse revokes the grant: the newest tokens die too.
     assert_eq!(app.introspect(&second.access_token).await["active"], false);
-    assert_eq!(app.userinfo(&second.access_token).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        app.userinfo(&second.access_token).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     let newest = app.refresh("rp-basic", second.refresh()).await;
     assert_eq!(newest.error(), "invalid_grant", "{newest:?}");
 }
@@ -105,17 +114,26 @@ async fn private_key_jwt_assertions_are_single_use(backend: Backend) {
     let app = TestApp::start(backend).await;
     let assertion = app.client_assertion("jti-once");
     let auth = Auth::Assertion("rp-jwt".into(), assertion);
-    let first = app.token(&auth, &[("grant_type", "client_credentials")]).await;
+    let first = app
+        .token(&auth, &[("grant_type", "client_credentials")])
+        .await;
     assert_eq!(first.status, StatusCode::OK, "{first:?}");
-    let replay = app.token(&auth, &[("grant_type", "client_credentials")]).await;
+    let replay = app
+        .token(&auth, &[("grant_type", "client_credentials")])
+        .await;
     assert_invalid_client(&replay);
 }
 
 async fn revoked_access_token_fails_at_userinfo_at_once(backend: Backend) {
     let app = TestApp::start(backend).await;
     let tokens = app.tokens_for("rp-basic", &TARO, Level::Password).await;
-    assert_eq!(app.userinfo(&tokens.access_token).await.status, StatusCode::OK);
-    let reply = app.revoke(&app.auth("rp-basic"), &tokens.access_token).await;
+    assert_eq!(
+        app.userinfo(&tokens.access_token).await.status,
+        StatusCode::OK
+    );
+    let reply = app
+        .revoke(&app.auth("rp-basic"), &tokens.access_token)
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     let userinfo = app.userinfo(&tokens.access_token).await;
     assert_eq!(userinfo.status, StatusCode::UNAUTHORIZED, "{userinfo:?}");
@@ -134,11 +152,16 @@ async fn token_responses_are_not_cached_and_say_bearer() {
         .header("content-type")
         .is_some_and(|c| c.starts_with("application/json")));
     let body = reply.json();
-    assert!(body["token_type"].as_str().is_some_and(|t| t.eq_ignore_ascii_case("bearer")));
+    assert!(body["token_type"]
+        .as_str()
+        .is_some_and(|t| t.eq_ignore_ascii_case("bearer")));
     assert!(body["expires_in"].as_i64().is_some_and(|e| e > 0));
     assert!(body["id_token"].is_string() && body["refresh_token"].is_string());
     let error = app
-        .token(&app.auth("rp-basic"), &[("grant_type", "authorization_code"), ("code", "nope")])
+        .token(
+            &app.auth("rp-basic"),
+            &[("grant_type", "authorization_code"), ("code", "nope")],
+        )
         .await;
     assert_eq!(error.error(), "invalid_grant");
     assert_no_store(&error);
@@ -216,7 +239,9 @@ async fn client_secret_basic_is_form_urlencoded() {
     let app = TestApp::sqlite().await;
     // Auth::Basic form-urlencodes id and secret before base64, as RFC 6749 §2.3.1 says.
     let auth = Auth::Basic("rp-symbols".into(), SYMBOL_SECRET.into());
-    let reply = app.token(&auth, &[("grant_type", "client_credentials")]).await;
+    let reply = app
+        .token(&auth, &[("grant_type", "client_credentials")])
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     // The code flow with the same client.
     let tokens = app.tokens_for("rp-symbols", &TARO, Level::Password).await;
@@ -235,7 +260,10 @@ async fn client_secret_post_client() {
 async fn private_key_jwt_client() {
     let app = TestApp::sqlite().await;
     let tokens = app.tokens_for("rp-jwt", &TARO, Level::Password).await;
-    assert_eq!(app.introspect(&tokens.access_token).await["client_id"], "rp-jwt");
+    assert_eq!(
+        app.introspect(&tokens.access_token).await["client_id"],
+        "rp-jwt"
+    );
     let reply = app.refresh("rp-jwt", tokens.refresh()).await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
 }
@@ -272,10 +300,14 @@ async fn private_key_jwt_with_a_foreign_key_or_audience_is_refused() {
     payload.set_subject("rp-jwt");
     payload.set_audience(vec!["https://elsewhere.example/token"]);
     payload.set_jwt_id("jti-audience");
-    payload.set_claim("exp", Some(json!(app.now() + 60))).unwrap();
+    payload
+        .set_claim("exp", Some(json!(app.now() + 60)))
+        .unwrap();
     let mut header = josekit::jws::JwsHeader::new();
     header.set_key_id("rp-jwt-key-1");
-    let signer = josekit::jws::ES256.signer_from_jwk(&app.jwt_private).unwrap();
+    let signer = josekit::jws::ES256
+        .signer_from_jwk(&app.jwt_private)
+        .unwrap();
     let assertion = josekit::jwt::encode_with_signer(&payload, &header, &signer).unwrap();
     let reply = app
         .token(
@@ -301,7 +333,9 @@ async fn each_client_uses_only_its_registered_method() {
     let cc = [("grant_type", "client_credentials")];
     // client_secret_basic client presenting its secret in the body.
     let secret = app.secret("rp-basic");
-    let reply = app.token(&Auth::Post("rp-basic".into(), secret.into()), &cc).await;
+    let reply = app
+        .token(&Auth::Post("rp-basic".into(), secret.into()), &cc)
+        .await;
     assert_invalid_client(&reply);
     // …or no authentication at all, like a public client.
     let reply = app.token(&Auth::None("rp-basic".into()), &cc).await;
@@ -352,27 +386,41 @@ async fn two_authentication_methods_at_once_are_refused() {
     let reply = app
         .token(
             &Auth::Basic("rp-basic".into(), secret.into()),
-            &[("grant_type", "client_credentials"), ("client_secret", secret)],
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_secret", secret),
+            ],
         )
         .await;
     assert!(
-        matches!(reply.status, StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED),
+        matches!(
+            reply.status,
+            StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED
+        ),
         "{reply:?}"
     );
-    assert!(matches!(reply.error().as_str(), "invalid_request" | "invalid_client"));
+    assert!(matches!(
+        reply.error().as_str(),
+        "invalid_request" | "invalid_client"
+    ));
 }
 
 #[tokio::test]
 async fn client_credentials_without_scope_gives_an_access_token_only() {
     let app = TestApp::sqlite().await;
     let reply = app
-        .token(&app.auth("rp-basic"), &[("grant_type", "client_credentials")])
+        .token(
+            &app.auth("rp-basic"),
+            &[("grant_type", "client_credentials")],
+        )
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
     assert_no_store(&reply);
     let body = reply.json();
     assert!(body["access_token"].is_string());
-    assert!(body["token_type"].as_str().is_some_and(|t| t.eq_ignore_ascii_case("bearer")));
+    assert!(body["token_type"]
+        .as_str()
+        .is_some_and(|t| t.eq_ignore_ascii_case("bearer")));
     assert!(body.get("id_token").is_none(), "{body}");
     assert!(body.get("refresh_token").is_none(), "{body}");
     let introspection = app.introspect(body["access_token"].as_str().unwrap()).await;
@@ -401,7 +449,10 @@ async fn client_credentials_scopes() {
     assert_eq!(reply.error(), "invalid_scope", "{reply:?}");
     // A client without the grant.
     let reply = app
-        .token(&app.auth("rp-post"), &[("grant_type", "client_credentials")])
+        .token(
+            &app.auth("rp-post"),
+            &[("grant_type", "client_credentials")],
+        )
         .await;
     assert_eq!(reply.error(), "unauthorized_client", "{reply:?}");
 }
@@ -412,7 +463,11 @@ async fn unknown_and_missing_grant_types() {
     let reply = app
         .token(
             &app.auth("rp-basic"),
-            &[("grant_type", "password"), ("username", "a"), ("password", "b")],
+            &[
+                ("grant_type", "password"),
+                ("username", "a"),
+                ("password", "b"),
+            ],
         )
         .await;
     assert_eq!(reply.error(), "unsupported_grant_type", "{reply:?}");
@@ -443,7 +498,10 @@ async fn token_endpoint_refuses_duplicate_parameters() {
     let reply = app
         .token(
             &app.auth("rp-basic"),
-            &[("grant_type", "client_credentials"), ("grant_type", "client_credentials")],
+            &[
+                ("grant_type", "client_credentials"),
+                ("grant_type", "client_credentials"),
+            ],
         )
         .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{reply:?}");
@@ -552,7 +610,10 @@ async fn introspection_reports_the_active_fields() {
     assert_eq!(reply.json()["active"], true);
 
     // Unknown and expired tokens are just inactive.
-    assert_eq!(app.introspect("no-such-token").await, json!({ "active": false }));
+    assert_eq!(
+        app.introspect("no-such-token").await,
+        json!({ "active": false })
+    );
     app.advance(11 * 60);
     assert_eq!(app.introspect(&tokens.access_token).await["active"], false);
 }
@@ -565,7 +626,9 @@ async fn public_clients_may_not_introspect() {
         .introspect_as(&Auth::None("rp-public".into()), &tokens.access_token)
         .await;
     assert_invalid_client(&reply);
-    let reply = app.introspect_as(&Auth::Nothing, &tokens.access_token).await;
+    let reply = app
+        .introspect_as(&Auth::Nothing, &tokens.access_token)
+        .await;
     assert_invalid_client(&reply);
 }
 
@@ -575,7 +638,9 @@ async fn revocation_of_unknown_and_foreign_tokens_is_a_quiet_200() {
     let reply = app.revoke(&app.auth("rp-basic"), "no-such-token").await;
     assert_eq!(reply.status, StatusCode::OK, "RFC 7009 §2.2: {reply:?}");
     let tokens = app.tokens_for("rp-basic", &TARO, Level::Password).await;
-    let reply = app.revoke(&app.auth("rp-other"), &tokens.access_token).await;
+    let reply = app
+        .revoke(&app.auth("rp-other"), &tokens.access_token)
+        .await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(
         app.introspect(&tokens.access_token).await["active"],
@@ -636,7 +701,9 @@ async fn userinfo_without_or_with_a_bad_token_is_401_bearer() {
     let missing = app.get("/userinfo").await;
     assert_eq!(missing.status, StatusCode::UNAUTHORIZED, "{missing:?}");
     assert!(
-        missing.header("www-authenticate").is_some_and(|h| h.starts_with("Bearer")),
+        missing
+            .header("www-authenticate")
+            .is_some_and(|h| h.starts_with("Bearer")),
         "{missing:?}"
     );
     let invalid = app.userinfo("not-a-token").await;
@@ -653,13 +720,21 @@ async fn userinfo_without_or_with_a_bad_token_is_401_bearer() {
 
     // A client_credentials token has no user behind it.
     let cc = app
-        .token(&app.auth("rp-basic"), &[("grant_type", "client_credentials")])
+        .token(
+            &app.auth("rp-basic"),
+            &[("grant_type", "client_credentials")],
+        )
         .await
         .json();
     let reply = app.userinfo(cc["access_token"].as_str().unwrap()).await;
     assert!(
-        matches!(reply.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN),
+        matches!(
+            reply.status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ),
         "{reply:?}"
     );
-    assert!(reply.header("www-authenticate").is_some_and(|h| h.starts_with("Bearer")));
+    assert!(reply
+        .header("www-authenticate")
+        .is_some_and(|h| h.starts_with("Bearer")));
 }

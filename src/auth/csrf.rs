@@ -17,8 +17,14 @@ pub struct Browser {
 impl Browser {
     pub fn from_headers(state: &AppState, headers: &HeaderMap) -> Browser {
         match read_cookie(headers, &cookie_name(state, BROWSER_COOKIE)) {
-            Some(token) => Browser { token, is_new: false },
-            None => Browser { token: random_token(), is_new: true },
+            Some(token) => Browser {
+                token,
+                is_new: false,
+            },
+            None => Browser {
+                token: random_token(),
+                is_new: true,
+            },
         }
     }
 
@@ -34,7 +40,10 @@ impl Browser {
     /// Adds the cookie to a response's headers when it is new.
     pub fn set_cookie_if_new(&self, state: &AppState, headers: &mut HeaderMap) {
         if self.is_new {
-            headers.append(header::SET_COOKIE, set_cookie(state, BROWSER_COOKIE, &self.token, None));
+            headers.append(
+                header::SET_COOKIE,
+                set_cookie(state, BROWSER_COOKIE, &self.token, None),
+            );
         }
     }
 }
@@ -47,12 +56,18 @@ pub fn verify(state: &AppState, headers: &HeaderMap, form_token: &str) -> Option
         }
     }
     let token = read_cookie(headers, &cookie_name(state, BROWSER_COOKIE))?;
-    let browser = Browser { token, is_new: false };
+    let browser = Browser {
+        token,
+        is_new: false,
+    };
     let expected = browser.csrf_token(state);
     constant_time_eq(expected.as_bytes(), form_token.as_bytes()).then_some(browser)
 }
 
 /// A fresh token for pages that render before any cookie exists.
 pub fn new_browser() -> Browser {
-    Browser { token: random_token(), is_new: true }
+    Browser {
+        token: random_token(),
+        is_new: true,
+    }
 }

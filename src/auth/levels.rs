@@ -90,6 +90,9 @@ pub fn decide(
             auth_time: second_at.max(session.password_at),
         }
     } else {
-        Decision::Issue { level: Level::Password, auth_time: session.password_at }
+        Decision::Issue {
+            level: Level::Password,
+            auth_time: session.password_at,
+        }
     }
 }

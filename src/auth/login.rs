@@ -11,7 +11,6 @@ use serde::Deserialize;
 
 use super::csrf::{self, Browser};
 use super::levels::{decide, required_level, Decision, Level};
-use crate::enroll::Enrollment;
 use super::normalize_username;
 use super::session::{self, set_cookie, SESSION_COOKIE};
 use super::throttle;
@@ -19,6 +18,7 @@ use crate::app::{see_other, AppState};
 use crate::clock::{random_bytes, random_id, random_token};
 use crate::crypto::{b64url, token_digest};
 use crate::directory::DirectoryError;
+use crate::enroll::Enrollment;
 use crate::error::PageError;
 use crate::oidc::authorize::{issue_code, load_transaction, AuthRequest};
 use crate::oidc::params::{is_form, Params};
@@ -36,14 +36,23 @@ type Pending = Option<(LoginTransaction, AuthRequest)>;
 /// How long the hash of the university password typed at a full login stays on the session.
 pub const UNIVERSITY_HASH_LIFETIME: i64 = 15 * 60;
 
-async fn pending(state: &AppState, tx: Option<&str>, browser: &Browser) -> Result<Pending, PageError> {
+async fn pending(
+    state: &AppState,
+    tx: Option<&str>,
+    browser: &Browser,
+) -> Result<Pending, PageError> {
     match tx.filter(|t| !t.is_empty()) {
         Some(tx) => Ok(Some(load_transaction(state, tx, browser).await?)),
         None => Ok(None),
     }
 }
 
-fn page_locale(state: &AppState, headers: &HeaderMap, lang: Option<&str>, pending: &Pending) -> Locale {
+fn page_locale(
+    state: &AppState,
+    headers: &HeaderMap,
+    lang: Option<&str>,
+    pending: &Pending,
+) -> Locale {
     let ui_locales = pending.as_ref().and_then(|(_, r)| r.ui_locales.as_deref());
     state.locale_for(headers, lang, ui_locales)
 }
@@ -76,12 +85,24 @@ pub async fn login_page(
     let browser = Browser::from_headers(&state, &headers);
     let pending = pending(&state, query.tx.as_deref(), &browser).await?;
     let locale = page_locale(&state, &headers, query.lang.as_deref(), &pending);
-    login_form(&state, &headers, &browser, locale, &pending, None, None, StatusCode::OK)
+    login_form(
+        &state,
+        &headers,
+        &browser,
+        locale,
+        &pending,
+        None,
+        None,
+        StatusCode::OK,
+    )
 }
 
 fn read_form(headers: &HeaderMap, body: &Bytes) -> Result<Params, PageError> {
     if !is_form(headers) {
-        return Err(PageError::bad_request("error_invalid_request", "form expected"));
+        return Err(PageError::bad_request(
+            "error_invalid_request",
+            "form expected",
+        ));
     }
     Params::parse(body).map_err(|e| PageError::bad_request("error_invalid_request", e.describe()))
 }
@@ -93,14 +114,24 @@ pub async fn login_submit(
     body: Bytes,
 ) -> Result<Response, PageError> {
     let params = read_form(&headers, &body)?;
-    let browser = csrf::verify(&state, &headers, params.get("csrf").unwrap_or("")).ok_or_else(PageError::csrf)?;
+    let browser = csrf::verify(&state, &headers, params.get("csrf").unwrap_or(""))
+        .ok_or_else(PageError::csrf)?;
     let pending = pending(&state, params.get("tx"), &browser).await?;
     let locale = page_locale(&state, &headers, params.get("lang"), &pending);
     let username = normalize_username(params.get("username").unwrap_or(""));
     let password = params.get("password").unwrap_or("");
     let second_password = params.get("second_password").unwrap_or("");
     let fail = |key: &str| {
-        login_form(&state, &headers, &browser, locale, &pending, Some(&username), Some(key), StatusCode::OK)
+        login_form(
+            &state,
+            &headers,
+            &browser,
+            locale,
+            &pending,
+            Some(&username),
+            Some(key),
+            StatusCode::OK,
+        )
     };
     // An empty password is an unauthenticated bind to some directories: refuse it before asking.
     if username.is_empty() || password.is_empty() || username.len() > 256 || password.len() > 1024 {
@@ -131,7 +162,14 @@ pub async fn login_submit(
     let claims = serde_json::Value::Object(user.claims.clone()).to_string();
     let account = state
         .store
-        .upsert_account(&user.id, &user.username, &claims, &random_id(), &b64url(&random_bytes::<16>()), state.clock.now())
+        .upsert_account(
+            &user.id,
+            &user.username,
+            &claims,
+            &random_id(),
+            &b64url(&random_bytes::<16>()),
+            state.clock.now(),
+        )
         .await?;
     let enrolled = Enrollment::of(&account) == Enrollment::Done;
     let second_checked = match (&account.second_password_hash, second_password.is_empty()) {
@@ -139,7 +177,16 @@ pub async fn login_submit(
             let Some(second) = throttle::reserve_second_password(&state, &account.id).await? else {
                 // The university password was right, so the lock may be told, with the help desk.
                 reservation.succeeded(&state).await?;
-                return locked_page(&state, &headers, &browser, locale, &pending, &account, "login.html").await;
+                return locked_page(
+                    &state,
+                    &headers,
+                    &browser,
+                    locale,
+                    &pending,
+                    &account,
+                    "login.html",
+                )
+                .await;
             };
             if !state.hasher.verify(Some(hash), second_password).await {
                 reservation.succeeded(&state).await?;
@@ -161,15 +208,17 @@ pub async fn login_submit(
         }
         other => other,
     };
-    let (mut session, cookie, _) = session::sign_in(&state, existing, &account.id, second_checked).await?;
+    let (mut session, cookie, _) =
+        session::sign_in(&state, existing, &account.id, second_checked).await?;
     // Kept 15 minutes for the "differs from the university password" rule; never the password.
     session.university_password_hash = Some(state.hasher.hash_short_lived(password).await);
     session.university_password_hash_until = Some(state.clock.now() + UNIVERSITY_HASH_LIFETIME);
     state.store.update_session(&session).await?;
     let mut response = continue_after_login(&state, pending, &session, &account).await?;
-    response
-        .headers_mut()
-        .append(header::SET_COOKIE, set_cookie(&state, SESSION_COOKIE, &cookie, None));
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(&state, SESSION_COOKIE, &cookie, None),
+    );
     Ok(response)
 }
 
@@ -182,14 +231,19 @@ async fn continue_after_login(
 ) -> Result<Response, PageError> {
     let enrollment = Enrollment::of(account);
     let Some((tx, request)) = pending else {
-        return Ok(see_other(&enrollment.page(None).unwrap_or_else(|| "/account".into())));
+        return Ok(see_other(
+            &enrollment.page(None).unwrap_or_else(|| "/account".into()),
+        ));
     };
     let client = crate::oidc::clients::find(state, &request.client_id)
         .await
         .map_err(|_| PageError::internal("client lookup failed"))?
         .ok_or_else(PageError::expired)?;
     let needs_second = required_level(&client, &request) == Level::SecondPassword;
-    if let Some(page) = enrollment.page(Some(&tx.id)).filter(|_| crate::enroll::required(state, needs_second)) {
+    if let Some(page) = enrollment
+        .page(Some(&tx.id))
+        .filter(|_| crate::enroll::required(state, needs_second))
+    {
         // No authorization completes until enrollment is finished.
         return Ok(see_other(&page));
     }
@@ -201,15 +255,23 @@ async fn continue_after_login(
             }
             issue_code(state, &request, session, account, level, auth_time).await
         }
-        Decision::StepUp | Decision::Login => Ok(see_other(&format!("/login/step-up?tx={}", tx.id))),
+        Decision::StepUp | Decision::Login => {
+            Ok(see_other(&format!("/login/step-up?tx={}", tx.id)))
+        }
     }
 }
 
-async fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Option<(BrowserSession, Account)>, PageError> {
+async fn signed_in(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<(BrowserSession, Account)>, PageError> {
     let Some(session) = session::current(state, headers).await? else {
         return Ok(None);
     };
-    state.store.touch_session(&session.id, state.clock.now()).await?;
+    state
+        .store
+        .touch_session(&session.id, state.clock.now())
+        .await?;
     let account = state.store.get_account(&session.account_id).await?;
     Ok(account.map(|a| (session, a)))
 }
@@ -249,9 +311,14 @@ pub async fn step_up_page(
     step_up_form(&state, &headers, &browser, locale, &pending, &account, None)
 }
 
-pub async fn step_up_submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, PageError> {
+pub async fn step_up_submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, PageError> {
     let params = read_form(&headers, &body)?;
-    let browser = csrf::verify(&state, &headers, params.get("csrf").unwrap_or("")).ok_or_else(PageError::csrf)?;
+    let browser = csrf::verify(&state, &headers, params.get("csrf").unwrap_or(""))
+        .ok_or_else(PageError::csrf)?;
     let pending = pending(&state, params.get("tx"), &browser).await?;
     let locale = page_locale(&state, &headers, params.get("lang"), &pending);
     let Some((mut session, account)) = signed_in(&state, &headers).await? else {
@@ -259,14 +326,43 @@ pub async fn step_up_submit(State(state): State<AppState>, headers: HeaderMap, b
     };
     let second_password = params.get("second_password").unwrap_or("");
     if second_password.is_empty() {
-        return step_up_form(&state, &headers, &browser, locale, &pending, &account, Some("second_password_empty"));
+        return step_up_form(
+            &state,
+            &headers,
+            &browser,
+            locale,
+            &pending,
+            &account,
+            Some("second_password_empty"),
+        );
     }
     let Some(reservation) = throttle::reserve_second_password(&state, &account.id).await? else {
-        return locked_page(&state, &headers, &browser, locale, &pending, &account, "step_up.html").await;
+        return locked_page(
+            &state,
+            &headers,
+            &browser,
+            locale,
+            &pending,
+            &account,
+            "step_up.html",
+        )
+        .await;
     };
-    if !state.hasher.verify(account.second_password_hash.as_deref(), second_password).await {
+    if !state
+        .hasher
+        .verify(account.second_password_hash.as_deref(), second_password)
+        .await
+    {
         reservation.failed(&state).await?;
-        return step_up_form(&state, &headers, &browser, locale, &pending, &account, Some("login_failed"));
+        return step_up_form(
+            &state,
+            &headers,
+            &browser,
+            locale,
+            &pending,
+            &account,
+            Some("login_failed"),
+        );
     }
     reservation.succeeded_fully(&state).await?;
     let now = state.clock.now();
@@ -276,9 +372,10 @@ pub async fn step_up_submit(State(state): State<AppState>, headers: HeaderMap, b
     session.last_seen_at = now;
     state.store.update_session(&session).await?;
     let mut response = continue_after_login(&state, pending, &session, &account).await?;
-    response
-        .headers_mut()
-        .append(header::SET_COOKIE, set_cookie(&state, SESSION_COOKIE, &cookie, None));
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(&state, SESSION_COOKIE, &cookie, None),
+    );
     Ok(response)
 }
 
@@ -304,7 +401,14 @@ async fn locked_page(
         until => until,
         password_change_url => state.config.password_change_url.clone(),
     };
-    state.page_with_status(StatusCode::TOO_MANY_REQUESTS, locale, template, ctx, browser, headers)
+    state.page_with_status(
+        StatusCode::TOO_MANY_REQUESTS,
+        locale,
+        template,
+        ctx,
+        browser,
+        headers,
+    )
 }
 
 /// The menu (gear) page. It needs the second password entered within `menu_reauth`.
@@ -313,19 +417,12 @@ pub async fn account_page(
     headers: HeaderMap,
     Query(query): Query<PageQuery>,
 ) -> Result<Response, PageError> {
-    let Some((session, account)) = signed_in(&state, &headers).await? else {
-        return Ok(see_other("/login"));
+    let (_, account) = match crate::enroll::account::menu_session(&state, &headers).await? {
+        Ok(found) => found,
+        Err(redirect) => return Ok(redirect),
     };
     let browser = Browser::from_headers(&state, &headers);
     let locale = state.locale_for(&headers, query.lang.as_deref(), None);
-    let now = state.clock.now();
-    let reauth = state.config.session.menu_reauth.as_secs() as i64;
-    if let Some(page) = Enrollment::of(&account).page(None) {
-        return Ok(see_other(&page));
-    }
-    if !session.second_password_at.is_some_and(|t| now - t <= reauth) {
-        return Ok(see_other("/login/step-up"));
-    }
     let claims: serde_json::Value = serde_json::from_str(&account.claims).unwrap_or_default();
     let ctx = context! {
         menu => true,

@@ -64,8 +64,14 @@ impl PasswordHasher {
     async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
         use std::sync::atomic::Ordering;
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        let _permit = self.permits.acquire().await.expect("semaphore never closed");
-        let result = tokio::task::spawn_blocking(work).await.expect("argon2 task panicked");
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("semaphore never closed");
+        let result = tokio::task::spawn_blocking(work)
+            .await
+            .expect("argon2 task panicked");
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         result
     }
@@ -83,7 +89,11 @@ impl PasswordHasher {
     /// password" rule): lighter parameters, since it is deleted on use.
     pub async fn hash_short_lived(&self, password: &str) -> String {
         let params = Params::new(4096, 1, 1, None).expect("valid argon2 parameters");
-        let params = if params.m_cost() < self.params.m_cost() { params } else { self.params.clone() };
+        let params = if params.m_cost() < self.params.m_cost() {
+            params
+        } else {
+            self.params.clone()
+        };
         let password = password.to_string();
         self.run(move || hash_with(&params, &password)).await
     }
@@ -113,7 +123,10 @@ mod tests {
     #[test]
     fn production_parameters_are_the_documented_ones() {
         let hash = hash_with(&production_params(), "Secret123");
-        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
         assert!(verify_blocking(&hash, "Secret123"));
     }
 }

@@ -78,14 +78,29 @@ mod tests {
         assert_eq!(check("ABCDEFG1", "ABCDEFG1", false), vec![NoLowercase]);
         assert_eq!(check("Abcdefgh", "Abcdefgh", false), vec![NoDigit]);
         // Full-width letters and digits are not half-width alphanumerics.
-        assert_eq!(check("Ａbcdefg1", "Ａbcdefg1", false), vec![NotHalfWidthAlphanumeric]);
-        assert_eq!(check("Abcdefg1!", "Abcdefg1!", false), vec![NotHalfWidthAlphanumeric]);
-        assert_eq!(check("Abcdefg1", "Abcdefg2", false), vec![ConfirmationMismatch]);
-        assert_eq!(check("Abcdefg1", "Abcdefg1", true), vec![SameAsUniversityPassword]);
+        assert_eq!(
+            check("Ａbcdefg1", "Ａbcdefg1", false),
+            vec![NotHalfWidthAlphanumeric]
+        );
+        assert_eq!(
+            check("Abcdefg1!", "Abcdefg1!", false),
+            vec![NotHalfWidthAlphanumeric]
+        );
+        assert_eq!(
+            check("Abcdefg1", "Abcdefg2", false),
+            vec![ConfirmationMismatch]
+        );
+        assert_eq!(
+            check("Abcdefg1", "Abcdefg1", true),
+            vec![SameAsUniversityPassword]
+        );
         let long = format!("Aa1{}", "x".repeat(61));
         assert!(check(&long, &long, false).is_empty());
         let too_long = format!("{long}x");
         assert_eq!(check(&too_long, &too_long, false), vec![TooLong]);
-        assert_eq!(check("", "", false), vec![TooShort, NoUppercase, NoLowercase, NoDigit]);
+        assert_eq!(
+            check("", "", false),
+            vec![TooShort, NoUppercase, NoLowercase, NoDigit]
+        );
     }
 }

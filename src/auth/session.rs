@@ -64,7 +64,10 @@ pub async fn current(state: &AppState, headers: &HeaderMap) -> StoreResult<Optio
     let Some(cookie) = read_cookie(headers, &cookie_name(state, SESSION_COOKIE)) else {
         return Ok(None);
     };
-    let session = state.store.find_session_by_cookie(&token_digest(&cookie)).await?;
+    let session = state
+        .store
+        .find_session_by_cookie(&token_digest(&cookie))
+        .await?;
     let now = state.clock.now();
     Ok(session.filter(|s| s.is_active(state, now)))
 }

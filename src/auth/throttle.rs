@@ -56,11 +56,23 @@ fn lock_length(state: &AppState, kind: Kind, lock_count: i64) -> i64 {
 fn university_keys(state: &AppState, username: &str, ip: IpAddr) -> Vec<Key> {
     let t = &state.config.throttle;
     let mut keys = vec![
-        Key { kind: Kind::AccountAddress, key: format!("pw:{username}|{ip}"), limit: i64::from(t.password_failures) },
-        Key { kind: Kind::Account, key: format!("pwacct:{username}"), limit: i64::from(t.password_failures) },
+        Key {
+            kind: Kind::AccountAddress,
+            key: format!("pw:{username}|{ip}"),
+            limit: i64::from(t.password_failures),
+        },
+        Key {
+            kind: Kind::Account,
+            key: format!("pwacct:{username}"),
+            limit: i64::from(t.password_failures),
+        },
     ];
     if !t.address_allowlist.iter().any(|net| net.contains(&ip)) {
-        keys.push(Key { kind: Kind::Address, key: format!("addr:{ip}"), limit: i64::from(t.address_failures) });
+        keys.push(Key {
+            kind: Kind::Address,
+            key: format!("addr:{ip}"),
+            limit: i64::from(t.address_failures),
+        });
     }
     keys
 }
@@ -77,7 +89,11 @@ async fn reserve(state: &AppState, keys: Vec<Key>) -> StoreResult<Option<Reserva
     let now = state.clock.now();
     let mut taken = Vec::new();
     for key in keys {
-        match state.store.throttle_reserve(&key.key, key.limit, window(state), now).await? {
+        match state
+            .store
+            .throttle_reserve(&key.key, key.limit, window(state), now)
+            .await?
+        {
             Some(_) => taken.push(key),
             None => {
                 for k in &taken {
@@ -91,17 +107,27 @@ async fn reserve(state: &AppState, keys: Vec<Key>) -> StoreResult<Option<Reserva
 }
 
 /// Reserves a university-password attempt; None when any limit applies (show the generic failure).
-pub async fn reserve_university(state: &AppState, username: &str, ip: IpAddr) -> StoreResult<Option<Reservation>> {
+pub async fn reserve_university(
+    state: &AppState,
+    username: &str,
+    ip: IpAddr,
+) -> StoreResult<Option<Reservation>> {
     reserve(state, university_keys(state, username, ip)).await
 }
 
 /// Reserves a second-password attempt; None while the second-password level is locked.
-pub async fn reserve_second_password(state: &AppState, account_id: &str) -> StoreResult<Option<Reservation>> {
+pub async fn reserve_second_password(
+    state: &AppState,
+    account_id: &str,
+) -> StoreResult<Option<Reservation>> {
     reserve(state, vec![second_password_key(state, account_id)]).await
 }
 
 /// When the second-password level of the account is locked, until when.
-pub async fn second_password_locked_until(state: &AppState, account_id: &str) -> StoreResult<Option<Timestamp>> {
+pub async fn second_password_locked_until(
+    state: &AppState,
+    account_id: &str,
+) -> StoreResult<Option<Timestamp>> {
     let now = state.clock.now();
     let key = second_password_key(state, account_id);
     Ok(state
@@ -138,7 +164,9 @@ impl Reservation {
         let now = state.clock.now();
         let mut second_locked = false;
         for key in &self.keys {
-            let Some(counter) = state.store.throttle_get(&key.key).await? else { continue };
+            let Some(counter) = state.store.throttle_get(&key.key).await? else {
+                continue;
+            };
             if counter.failures >= key.limit {
                 let until = now + lock_length(state, key.kind, counter.lock_count);
                 state.store.throttle_lock(&key.key, until, now).await?;
@@ -152,13 +180,24 @@ impl Reservation {
 
 /// Also records the second-password level as passed for the account's failure history.
 pub async fn reset_second_password(state: &AppState, account_id: &str) -> StoreResult<()> {
-    state.store.throttle_reset(&second_password_key(state, account_id).key).await
+    state
+        .store
+        .throttle_reset(&second_password_key(state, account_id).key)
+        .await
 }
 
 /// Operator unlock: every counter of the user ID and of the account.
-pub async fn unlock(state_store: &crate::store::DynStore, username: &str, account_id: Option<&str>) -> StoreResult<u64> {
-    let mut removed = state_store.throttle_clear_prefix(&format!("pw:{username}|")).await?;
-    removed += state_store.throttle_clear(&format!("pwacct:{username}")).await?;
+pub async fn unlock(
+    state_store: &crate::store::DynStore,
+    username: &str,
+    account_id: Option<&str>,
+) -> StoreResult<u64> {
+    let mut removed = state_store
+        .throttle_clear_prefix(&format!("pw:{username}|"))
+        .await?;
+    removed += state_store
+        .throttle_clear(&format!("pwacct:{username}"))
+        .await?;
     if let Some(id) = account_id {
         removed += state_store.throttle_clear(&format!("second:{id}")).await?;
     }

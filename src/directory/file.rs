@@ -65,7 +65,11 @@ impl FileDirectory {
 
 #[async_trait]
 impl UserDirectory for FileDirectory {
-    async fn authenticate(&self, username: &str, password: &str) -> Result<DirectoryUser, DirectoryError> {
+    async fn authenticate(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<DirectoryUser, DirectoryError> {
         let user = self.users.get(username);
         // Unknown users cost the same dummy verification as a wrong password.
         let ok = self

@@ -13,9 +13,14 @@
 //! - Immutable id: `entryUUID` (or any text attribute) as the directory writes it; `objectGUID` as the
 //!   standard lowercase GUID string (`3f2504e0-4f89-11d3-9a0c-0305e82c3301`, first three groups
 //!   little-endian, as Windows shows it without braces); any other binary id as lowercase hex.
-//! - Connections: searches, lookups and the readiness check share a few idle connections bound as the
-//!   service account; every password check binds on a fresh connection that is closed afterwards, so
-//!   a student's identity never leaks into a shared connection.
+//! - Connections: searches, lookups and the readiness check share up to four idle connections bound
+//!   as the service account (a stale one is replaced once, transparently); every password check binds
+//!   on a fresh connection that is closed afterwards, so a student's identity never leaks into a
+//!   shared connection.
+//! - TLS: ldaps:// or `starttls = true` on ldap://, verified against the system's roots;
+//!   `tls_ca_file` is refused until this build links rustls 0.21 (the version ldap3 0.11 takes).
+//! - Lookups (refresh grants) read as the service account; with a DN template and no service account
+//!   they read anonymously, and an entry they cannot see is `Unavailable`, never "gone".
 //! - Every call finishes within `timeout` (connect, TLS, binds and searches together); a directory
 //!   that is down, slow or busy is `Unavailable`, never a wait.
 //! - `dn_template` may be a DN (`uid={username},ou=people,…`, the user ID RFC 4514-escaped into it;
@@ -400,7 +405,12 @@ impl LdapDirectory {
     ) -> Result<DirectoryUser, DirectoryError> {
         let entry = match self.find(username).await? {
             Found::One(entry) => entry,
-            Found::None | Found::Many => {
+            found => {
+                if matches!(found, Found::Many) {
+                    tracing::warn!(
+                        "directory.user_filter matched more than one entry; refusing the login"
+                    );
+                }
                 // Take about as long as a bind would have, then give the same answer.
                 let micros = self.bind_micros.load(Ordering::Relaxed);
                 let wait = Duration::from_micros(micros).min(self.timeout / 2);

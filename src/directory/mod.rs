@@ -36,7 +36,11 @@ pub enum DirectoryError {
 #[async_trait]
 pub trait UserDirectory: Send + Sync + 'static {
     /// Checks the university password. `username` is already normalised and `password` non-empty.
-    async fn authenticate(&self, username: &str, password: &str) -> Result<DirectoryUser, DirectoryError>;
+    async fn authenticate(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> Result<DirectoryUser, DirectoryError>;
     /// Looks a student up again (refresh grants) without a password.
     async fn lookup(&self, username: &str) -> Result<Option<DirectoryUser>, DirectoryError>;
     /// Whether the directory answers, for `/readyz`.
@@ -50,7 +54,10 @@ pub async fn build(
 ) -> anyhow::Result<Arc<dyn UserDirectory>> {
     Ok(match config.kind.as_str() {
         "file" => Arc::new(file::FileDirectory::load(
-            config.path.as_deref().context("directory.path is required")?,
+            config
+                .path
+                .as_deref()
+                .context("directory.path is required")?,
             hasher,
         )?),
         "demo" => Arc::new(file::demo_directory(hasher).await),

@@ -26,7 +26,10 @@ use crate::ui::Locale;
 const RESET_AFTER_EMAIL_CHANGE: i64 = 72 * 3600;
 
 /// The menu needs an enrolled student with the second password entered within `menu_reauth`.
-async fn menu_session(state: &AppState, headers: &HeaderMap) -> Result<Result<(BrowserSession, Account), Response>, PageError> {
+pub async fn menu_session(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Result<(BrowserSession, Account), Response>, PageError> {
     let Some((session, account)) = signed_in(state, headers).await? else {
         return Ok(Err(see_other("/login")));
     };
@@ -35,22 +38,44 @@ async fn menu_session(state: &AppState, headers: &HeaderMap) -> Result<Result<(B
     }
     let reauth = state.config.session.menu_reauth.as_secs() as i64;
     let now = state.clock.now();
-    if !session.second_password_at.is_some_and(|t| now - t <= reauth) {
+    if session.second_password_at.is_none_or(|t| now - t > reauth) {
         return Ok(Err(see_other("/login/step-up")));
     }
     Ok(Ok((session, account)))
 }
 
 fn errors_status(errors: &[&str]) -> StatusCode {
-    if errors.is_empty() { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY }
+    if errors.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    }
 }
 
-fn email_form(state: &AppState, headers: &HeaderMap, browser: &Browser, locale: Locale, email: Option<&str>, errors: Vec<&str>) -> Result<Response, PageError> {
+fn email_form(
+    state: &AppState,
+    headers: &HeaderMap,
+    browser: &Browser,
+    locale: Locale,
+    email: Option<&str>,
+    errors: Vec<&str>,
+) -> Result<Response, PageError> {
     let ctx = context! { menu => true, email => email, errors => errors.clone(), mail_from => state.config.mail.from.clone() };
-    state.page_with_status(errors_status(&errors), locale, "account_email.html", ctx, browser, headers)
+    state.page_with_status(
+        errors_status(&errors),
+        locale,
+        "account_email.html",
+        ctx,
+        browser,
+        headers,
+    )
 }
 
-pub async fn email_page(State(state): State<AppState>, headers: HeaderMap, Query(query): Query<PageQuery>) -> Result<Response, PageError> {
+pub async fn email_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<PageQuery>,
+) -> Result<Response, PageError> {
     let (_, _) = match menu_session(&state, &headers).await? {
         Ok(found) => found,
         Err(redirect) => return Ok(redirect),
@@ -61,11 +86,20 @@ pub async fn email_page(State(state): State<AppState>, headers: HeaderMap, Query
 }
 
 /// Checks the current second password (counted toward the lockout); Err holds the error key.
-async fn check_current(state: &AppState, account: &Account, typed: &str) -> Result<Result<(), &'static str>, PageError> {
+async fn check_current(
+    state: &AppState,
+    account: &Account,
+    typed: &str,
+) -> Result<Result<(), &'static str>, PageError> {
     let Some(reservation) = throttle::reserve_second_password(state, &account.id).await? else {
         return Ok(Err("locked"));
     };
-    if !typed.is_empty() && state.hasher.verify(account.second_password_hash.as_deref(), typed).await {
+    if !typed.is_empty()
+        && state
+            .hasher
+            .verify(account.second_password_hash.as_deref(), typed)
+            .await
+    {
         reservation.succeeded_fully(state).await?;
         Ok(Ok(()))
     } else {
@@ -74,7 +108,11 @@ async fn check_current(state: &AppState, account: &Account, typed: &str) -> Resu
     }
 }
 
-pub async fn email_submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, PageError> {
+pub async fn email_submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, PageError> {
     let (params, browser) = read_form(&state, &headers, &body)?;
     let locale = state.locale_for(&headers, params.get("lang"), None);
     let (_, account) = match menu_session(&state, &headers).await? {
@@ -84,7 +122,13 @@ pub async fn email_submit(State(state): State<AppState>, headers: HeaderMap, bod
     let email = normalize_email(params.get("email").unwrap_or(""));
     let confirmation = normalize_email(params.get("email_confirm").unwrap_or(""));
     let mut errors = email_errors(&state, &email, &confirmation);
-    if let Err(key) = check_current(&state, &account, params.get("current_second_password").unwrap_or("")).await? {
+    if let Err(key) = check_current(
+        &state,
+        &account,
+        params.get("current_second_password").unwrap_or(""),
+    )
+    .await?
+    {
         errors.push(key);
     }
     if !errors.is_empty() {
@@ -101,12 +145,29 @@ pub async fn email_submit(State(state): State<AppState>, headers: HeaderMap, bod
     sent_page(&state, &headers, &browser, locale, "change_email")
 }
 
-fn second_password_form(state: &AppState, headers: &HeaderMap, browser: &Browser, locale: Locale, errors: Vec<&str>) -> Result<Response, PageError> {
+fn second_password_form(
+    state: &AppState,
+    headers: &HeaderMap,
+    browser: &Browser,
+    locale: Locale,
+    errors: Vec<&str>,
+) -> Result<Response, PageError> {
     let ctx = context! { menu => true, errors => errors.clone() };
-    state.page_with_status(errors_status(&errors), locale, "account_second_password.html", ctx, browser, headers)
+    state.page_with_status(
+        errors_status(&errors),
+        locale,
+        "account_second_password.html",
+        ctx,
+        browser,
+        headers,
+    )
 }
 
-pub async fn second_password_page(State(state): State<AppState>, headers: HeaderMap, Query(query): Query<PageQuery>) -> Result<Response, PageError> {
+pub async fn second_password_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<PageQuery>,
+) -> Result<Response, PageError> {
     if let Err(redirect) = menu_session(&state, &headers).await? {
         return Ok(redirect);
     }
@@ -115,7 +176,11 @@ pub async fn second_password_page(State(state): State<AppState>, headers: Header
     second_password_form(&state, &headers, &browser, locale, vec![])
 }
 
-pub async fn second_password_submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, PageError> {
+pub async fn second_password_submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, PageError> {
     let (params, browser) = read_form(&state, &headers, &body)?;
     let locale = state.locale_for(&headers, params.get("lang"), None);
     let (session, account) = match menu_session(&state, &headers).await? {
@@ -125,7 +190,13 @@ pub async fn second_password_submit(State(state): State<AppState>, headers: Head
     let new = params.get("new_second_password").unwrap_or("");
     let confirmation = params.get("new_second_password_confirm").unwrap_or("");
     let mut errors = Vec::new();
-    if let Err(key) = check_current(&state, &account, params.get("current_second_password").unwrap_or("")).await? {
+    if let Err(key) = check_current(
+        &state,
+        &account,
+        params.get("current_second_password").unwrap_or(""),
+    )
+    .await?
+    {
         errors.push(key);
     }
     errors.extend(violations(&state, &session, new, confirmation).await);
@@ -134,54 +205,114 @@ pub async fn second_password_submit(State(state): State<AppState>, headers: Head
     }
     let now = state.clock.now();
     let hash = state.hasher.hash(new).await;
-    state.store.set_second_password(&account.id, &hash, now).await?;
+    state
+        .store
+        .set_second_password(&account.id, &hash, now)
+        .await?;
     forget_university_hash(&state, &session).await?;
     notify_second_password_changed(&state, &account, locale, now).await?;
     tracing::info!(account = %account.id, "second password changed");
-    state.page(locale, "second_password_changed.html", context! { next_url => "/account" }, &browser, &headers)
+    state.page(
+        locale,
+        "second_password_changed.html",
+        context! { next_url => "/account" },
+        &browser,
+        &headers,
+    )
 }
 
 /// The notice goes to the registered address, and to the previous one after a recent change.
-async fn notify_second_password_changed(state: &AppState, account: &Account, locale: Locale, now: i64) -> Result<(), PageError> {
+async fn notify_second_password_changed(
+    state: &AppState,
+    account: &Account,
+    locale: Locale,
+    now: i64,
+) -> Result<(), PageError> {
     let mut recipients: Vec<&str> = account.email.as_deref().into_iter().collect();
-    if let (Some(previous), Some(changed)) = (account.previous_email.as_deref(), account.email_changed_at) {
+    if let (Some(previous), Some(changed)) =
+        (account.previous_email.as_deref(), account.email_changed_at)
+    {
         if now - changed <= RESET_AFTER_EMAIL_CHANGE * 10 && !recipients.contains(&previous) {
             recipients.push(previous);
         }
     }
     for to in recipients {
         let ctx = context! { when => state.local_datetime(now) };
-        crate::mail::send(state, locale, to, "second_password_changed_notice", "mail_subject_second_password_changed", ctx).await?;
+        crate::mail::send(
+            state,
+            locale,
+            to,
+            "second_password_changed_notice",
+            "mail_subject_second_password_changed",
+            ctx,
+        )
+        .await?;
     }
     Ok(())
 }
 
-fn forgot_form(state: &AppState, headers: &HeaderMap, browser: &Browser, locale: Locale, email: Option<&str>, errors: Vec<&str>) -> Result<Response, PageError> {
+fn forgot_form(
+    state: &AppState,
+    headers: &HeaderMap,
+    browser: &Browser,
+    locale: Locale,
+    email: Option<&str>,
+    errors: Vec<&str>,
+) -> Result<Response, PageError> {
     let ctx = context! { errors => errors.clone(), email => email, mail_from => state.config.mail.from.clone() };
-    state.page_with_status(errors_status(&errors), locale, "forgot.html", ctx, browser, headers)
+    state.page_with_status(
+        errors_status(&errors),
+        locale,
+        "forgot.html",
+        ctx,
+        browser,
+        headers,
+    )
 }
 
-pub async fn forgot_page(State(state): State<AppState>, headers: HeaderMap, Query(query): Query<PageQuery>) -> Result<Response, PageError> {
+pub async fn forgot_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<PageQuery>,
+) -> Result<Response, PageError> {
     let browser = Browser::from_headers(&state, &headers);
     let locale = state.locale_for(&headers, query.lang.as_deref(), None);
     forgot_form(&state, &headers, &browser, locale, None, vec![])
 }
 
 /// The same "sent" page whether or not the address is registered.
-pub async fn forgot_submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, PageError> {
+pub async fn forgot_submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, PageError> {
     let (params, browser) = read_form(&state, &headers, &body)?;
     let locale = state.locale_for(&headers, params.get("lang"), None);
     let email = normalize_email(params.get("email").unwrap_or(""));
     if email.is_empty() || !super::email_is_valid(&email) {
-        let key = if email.is_empty() { "email_required" } else { "email_invalid" };
+        let key = if email.is_empty() {
+            "email_required"
+        } else {
+            "email_invalid"
+        };
         return forgot_form(&state, &headers, &browser, locale, Some(&email), vec![key]);
     }
     let now = state.clock.now();
     for account in state.store.find_accounts_by_email(&email).await? {
-        if account.email_changed_at.is_some_and(|t| now - t < RESET_AFTER_EMAIL_CHANGE) || account.second_password_hash.is_none() {
+        if account
+            .email_changed_at
+            .is_some_and(|t| now - t < RESET_AFTER_EMAIL_CHANGE)
+            || account.second_password_hash.is_none()
+        {
             continue;
         }
-        let mail = LinkMail { purpose: links::RESET, to: &email, new_email: None, template: "reset", subject_key: "mail_subject_reset" };
+        let mail = LinkMail {
+            purpose: links::RESET,
+            to: &email,
+            new_email: None,
+            template: "reset",
+            subject_key: "mail_subject_reset",
+        };
         links::create(&state, &account, mail, locale, None).await?;
     }
     sent_page(&state, &headers, &browser, locale, "reset")
@@ -203,7 +334,14 @@ pub async fn reset_submit(
     let action = format!("/link/{token}");
     let form = |errors: Vec<&str>| {
         let ctx = context! { action => action.clone(), errors => errors.clone() };
-        state.page_with_status(StatusCode::UNPROCESSABLE_ENTITY, locale, "reset.html", ctx, browser, headers)
+        state.page_with_status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            locale,
+            "reset.html",
+            ctx,
+            browser,
+            headers,
+        )
     };
     let username = normalize_username(params.get("username").unwrap_or(""));
     let password = params.get("password").unwrap_or("");
@@ -217,10 +355,19 @@ pub async fn reset_submit(
         state.hasher.verify(None, password).await;
         return form(vec!["reset_wrong_account_or_password"]);
     };
-    let account = state.store.get_account(&link.account_id).await?.ok_or_else(PageError::not_found)?;
+    let account = state
+        .store
+        .get_account(&link.account_id)
+        .await?
+        .ok_or_else(PageError::not_found)?;
     let user = match state.directory.authenticate(&username, password).await {
         Ok(user) if user.id == account.directory_id => user,
-        Ok(_) | Err(DirectoryError::InvalidCredentials | DirectoryError::Disabled | DirectoryError::PasswordExpired) => {
+        Ok(_)
+        | Err(
+            DirectoryError::InvalidCredentials
+            | DirectoryError::Disabled
+            | DirectoryError::PasswordExpired,
+        ) => {
             reservation.failed(state).await?;
             return form(vec!["reset_wrong_account_or_password"]);
         }
@@ -232,10 +379,16 @@ pub async fn reset_submit(
     };
     reservation.succeeded(state).await?;
     let now = state.clock.now();
-    if account.email_changed_at.is_some_and(|t| now - t < RESET_AFTER_EMAIL_CHANGE) {
+    if account
+        .email_changed_at
+        .is_some_and(|t| now - t < RESET_AFTER_EMAIL_CHANGE)
+    {
         return form(vec!["reset_refused_recent_email_change"]);
     }
-    let errors: Vec<&str> = check(new, confirmation, new == password).into_iter().map(Violation::message_key).collect();
+    let errors: Vec<&str> = check(new, confirmation, new == password)
+        .into_iter()
+        .map(Violation::message_key)
+        .collect();
     if !errors.is_empty() {
         return form(errors);
     }
@@ -244,25 +397,41 @@ pub async fn reset_submit(
         return links::invalid_page(state, headers, browser, locale, reason);
     };
     let hash = state.hasher.hash(new).await;
-    state.store.set_second_password(&account.id, &hash, now).await?;
+    state
+        .store
+        .set_second_password(&account.id, &hash, now)
+        .await?;
     throttle::reset_second_password(state, &account.id).await?;
     notify_second_password_changed(state, &account, locale, now).await?;
     tracing::info!(account = %account.id, username = %user.username, "second password reset");
     state.page(locale, "reset_done.html", context! {}, browser, headers)
 }
 
-pub async fn manual(State(state): State<AppState>, headers: HeaderMap, Query(query): Query<PageQuery>) -> Result<Response, PageError> {
+pub async fn manual(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<PageQuery>,
+) -> Result<Response, PageError> {
     if state.config.manual_url != "/manual" {
         return Ok(see_other(&state.config.manual_url));
     }
     let browser = Browser::from_headers(&state, &headers);
     let locale = state.locale_for(&headers, query.lang.as_deref(), None);
     let menu = signed_in(&state, &headers).await?.is_some();
-    state.page(locale, "manual.html", context! { menu => menu }, &browser, &headers)
+    state.page(
+        locale,
+        "manual.html",
+        context! { menu => menu },
+        &browser,
+        &headers,
+    )
 }
 
 /// `/dev/mail`: the local mailbox of a development instance (file transport only).
-pub async fn dev_mail(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, PageError> {
+pub async fn dev_mail(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, PageError> {
     let browser = Browser::from_headers(&state, &headers);
     let locale = state.locale_for(&headers, None, None);
     let mut mails = Vec::new();
@@ -274,7 +443,9 @@ pub async fn dev_mail(State(state): State<AppState>, headers: HeaderMap) -> Resu
     names.sort();
     names.reverse();
     for path in names.into_iter().take(50) {
-        let Ok(raw) = std::fs::read_to_string(&path) else { continue };
+        let Ok(raw) = std::fs::read_to_string(&path) else {
+            continue;
+        };
         let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
         let head = head.replace("\r\n ", " ").replace("\r\n\t", " ");
         let header = |name: &str| {
@@ -291,7 +462,13 @@ pub async fn dev_mail(State(state): State<AppState>, headers: HeaderMap) -> Resu
             body => body.replace("\r\n", "\n"),
         });
     }
-    state.page(locale, "dev_mail.html", context! { mails => mails }, &browser, &headers)
+    state.page(
+        locale,
+        "dev_mail.html",
+        context! { mails => mails },
+        &browser,
+        &headers,
+    )
 }
 
 /// Decodes RFC 2047 `=?utf-8?b?…?=` words, as lettre writes non-ASCII subjects.
@@ -299,8 +476,13 @@ fn decode_header(value: &str) -> String {
     value
         .split_whitespace()
         .map(|word| {
-            let inner = word.strip_prefix("=?utf-8?b?").or_else(|| word.strip_prefix("=?UTF-8?B?"));
-            match inner.and_then(|w| w.strip_suffix("?=")).and_then(crate::crypto::b64_decode) {
+            let inner = word
+                .strip_prefix("=?utf-8?b?")
+                .or_else(|| word.strip_prefix("=?UTF-8?B?"));
+            match inner
+                .and_then(|w| w.strip_suffix("?="))
+                .and_then(crate::crypto::b64_decode)
+            {
                 Some(bytes) => String::from_utf8_lossy(&bytes).to_string(),
                 None => format!("{word} "),
             }

@@ -29,7 +29,11 @@ pub fn form(
     email: Option<&str>,
     errors: Vec<&str>,
 ) -> Result<Response, PageError> {
-    let status = if errors.is_empty() { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
+    let status = if errors.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
     let ctx = context! {
         tx => tx,
         email => email,
@@ -39,20 +43,32 @@ pub fn form(
     state.page_with_status(status, locale, "enroll_email.html", ctx, browser, headers)
 }
 
-pub async fn page(State(state): State<AppState>, headers: HeaderMap, Query(query): Query<PageQuery>) -> Result<Response, PageError> {
+pub async fn page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<PageQuery>,
+) -> Result<Response, PageError> {
     let browser = Browser::from_headers(&state, &headers);
     let tx = live_tx(&state, query.tx.as_deref(), &browser).await;
     let Some((_, account)) = signed_in(&state, &headers).await? else {
         return Ok(see_other(&super::login_url(tx.as_deref())));
     };
     if Enrollment::of(&account) != Enrollment::NeedsEmail {
-        return Ok(see_other(&Enrollment::of(&account).page(tx.as_deref()).unwrap_or_else(|| "/account".into())));
+        return Ok(see_other(
+            &Enrollment::of(&account)
+                .page(tx.as_deref())
+                .unwrap_or_else(|| "/account".into()),
+        ));
     }
     let locale = state.locale_for(&headers, query.lang.as_deref(), None);
     form(&state, &headers, &browser, locale, tx, None, vec![])
 }
 
-pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, PageError> {
+pub async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, PageError> {
     let (params, browser) = read_form(&state, &headers, &body)?;
     let tx = live_tx(&state, params.get("tx"), &browser).await;
     let locale = state.locale_for(&headers, params.get("lang"), None);
@@ -60,7 +76,11 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Byt
         return Ok(see_other(&super::login_url(tx.as_deref())));
     };
     if Enrollment::of(&account) != Enrollment::NeedsEmail {
-        return Ok(see_other(&Enrollment::of(&account).page(tx.as_deref()).unwrap_or_else(|| "/account".into())));
+        return Ok(see_other(
+            &Enrollment::of(&account)
+                .page(tx.as_deref())
+                .unwrap_or_else(|| "/account".into()),
+        ));
     }
     let email = normalize_email(params.get("email").unwrap_or(""));
     let confirmation = normalize_email(params.get("email_confirm").unwrap_or(""));
@@ -80,7 +100,13 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Byt
     sent_page(&state, &headers, &browser, locale, "verify_email")
 }
 
-pub fn sent_page(state: &AppState, headers: &HeaderMap, browser: &Browser, locale: Locale, purpose: &str) -> Result<Response, PageError> {
+pub fn sent_page(
+    state: &AppState,
+    headers: &HeaderMap,
+    browser: &Browser,
+    locale: Locale,
+    purpose: &str,
+) -> Result<Response, PageError> {
     let ctx = context! {
         purpose => purpose,
         minutes => state.config.lifetimes.one_time_link.as_secs() / 60,

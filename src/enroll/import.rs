@@ -62,7 +62,14 @@ pub async fn import(
     }
     for line in checked {
         let account = store
-            .upsert_account(&line.directory_id, &line.username, &line.claims, &random_id(), &b64url(&random_bytes::<16>()), now)
+            .upsert_account(
+                &line.directory_id,
+                &line.username,
+                &line.claims,
+                &random_id(),
+                &b64url(&random_bytes::<16>()),
+                now,
+            )
             .await?;
         let hash = match &line.second_password {
             Ok(hash) => hash.clone(),
@@ -79,8 +86,12 @@ pub async fn import(
             report.unchanged += 1;
             continue;
         }
-        if account.email.as_deref() != Some(line.email.as_str()) || account.email_verified_at.is_none() {
-            store.set_account_email(&account.id, &line.email, now).await?;
+        if account.email.as_deref() != Some(line.email.as_str())
+            || account.email_verified_at.is_none()
+        {
+            store
+                .set_account_email(&account.id, &line.email, now)
+                .await?;
         }
         if account.second_password_hash.as_deref() != Some(hash.as_str()) {
             store.set_second_password(&account.id, &hash, now).await?;
@@ -91,30 +102,47 @@ pub async fn import(
 }
 
 async fn check_line(directory: &Arc<dyn UserDirectory>, text: &str) -> Result<Checked, String> {
-    let line: Line = serde_json::from_str(text).map_err(|e| format!("not a valid student record: {e}"))?;
+    let line: Line =
+        serde_json::from_str(text).map_err(|e| format!("not a valid student record: {e}"))?;
     let username = normalize_username(&line.username);
     if username.is_empty() {
         return Err("username is empty".into());
     }
     let email = super::normalize_email(&line.email);
     if !super::email_is_valid(&email) {
-        return Err(format!("{username}: email {email:?} is not a valid address"));
+        return Err(format!(
+            "{username}: email {email:?} is not a valid address"
+        ));
     }
     let second_password = match (line.second_password, line.second_password_hash) {
-        (Some(_), Some(_)) => return Err(format!("{username}: give second_password or second_password_hash, not both")),
-        (None, None) => return Err(format!("{username}: second_password or second_password_hash is required")),
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "{username}: give second_password or second_password_hash, not both"
+            ))
+        }
+        (None, None) => {
+            return Err(format!(
+                "{username}: second_password or second_password_hash is required"
+            ))
+        }
         (Some(plain), None) => {
             let broken = check(&plain, &plain, false);
             if !broken.is_empty() {
                 let rules: Vec<&str> = broken.iter().map(|v| v.message_key()).collect();
-                return Err(format!("{username}: the second password breaks the rules ({})", rules.join(", ")));
+                return Err(format!(
+                    "{username}: the second password breaks the rules ({})",
+                    rules.join(", ")
+                ));
             }
             Err(plain)
         }
         (None, Some(hash)) => {
-            let parsed = argon2::PasswordHash::new(&hash).map_err(|_| format!("{username}: second_password_hash is not a PHC string"))?;
+            let parsed = argon2::PasswordHash::new(&hash)
+                .map_err(|_| format!("{username}: second_password_hash is not a PHC string"))?;
             if !parsed.algorithm.as_str().starts_with("argon2") {
-                return Err(format!("{username}: second_password_hash must be an argon2 hash"));
+                return Err(format!(
+                    "{username}: second_password_hash must be an argon2 hash"
+                ));
             }
             Ok(hash)
         }

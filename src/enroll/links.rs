@@ -78,29 +78,63 @@ pub async fn invalid_reason(state: &AppState, digest: &str) -> Result<&'static s
     })
 }
 
-pub fn invalid_page(state: &AppState, headers: &HeaderMap, browser: &Browser, locale: Locale, reason: &str) -> Result<Response, PageError> {
-    let status = if reason == "invalid" { StatusCode::NOT_FOUND } else { StatusCode::GONE };
-    state.page_with_status(status, locale, "link_invalid.html", context! { reason => reason }, browser, headers)
+pub fn invalid_page(
+    state: &AppState,
+    headers: &HeaderMap,
+    browser: &Browser,
+    locale: Locale,
+    reason: &str,
+) -> Result<Response, PageError> {
+    let status = if reason == "invalid" {
+        StatusCode::NOT_FOUND
+    } else {
+        StatusCode::GONE
+    };
+    state.page_with_status(
+        status,
+        locale,
+        "link_invalid.html",
+        context! { reason => reason },
+        browser,
+        headers,
+    )
 }
 
 fn plausible(token: &str) -> bool {
-    (20..=128).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    (20..=128).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A live link, or the page explaining why it is not.
-pub async fn live(state: &AppState, token: &str) -> Result<Result<OneTimeLink, &'static str>, PageError> {
+pub async fn live(
+    state: &AppState,
+    token: &str,
+) -> Result<Result<OneTimeLink, &'static str>, PageError> {
     if !plausible(token) {
         return Ok(Err("invalid"));
     }
     let digest = token_digest(token);
     let now = state.clock.now();
     match state.store.find_link(&digest).await? {
-        Some(link) if link.consumed_at.is_none() && link.superseded_at.is_none() && link.expires_at > now => Ok(Ok(link)),
+        Some(link)
+            if link.consumed_at.is_none()
+                && link.superseded_at.is_none()
+                && link.expires_at > now =>
+        {
+            Ok(Ok(link))
+        }
         _ => Ok(Err(invalid_reason(state, &digest).await?)),
     }
 }
 
-fn link_locale(state: &AppState, headers: &HeaderMap, lang: Option<&str>, link: Option<&OneTimeLink>) -> Locale {
+fn link_locale(
+    state: &AppState,
+    headers: &HeaderMap,
+    lang: Option<&str>,
+    link: Option<&OneTimeLink>,
+) -> Locale {
     state.locale_for(headers, lang.or(link.map(|l| l.locale.as_str())), None)
 }
 
@@ -127,9 +161,16 @@ pub async fn link_page(
     let action = format!("/link/{token}");
     if link.purpose == RESET {
         // The reset link's page is the form itself.
-        return state.page(locale, "reset.html", context! { action => action, errors => Vec::<String>::new() }, &browser, &headers);
+        return state.page(
+            locale,
+            "reset.html",
+            context! { action => action, errors => Vec::<String>::new() },
+            &browser,
+            &headers,
+        );
     }
-    let ctx = context! { purpose => link.purpose.clone(), email => link.email.clone(), action => action };
+    let ctx =
+        context! { purpose => link.purpose.clone(), email => link.email.clone(), action => action };
     state.page(locale, "link_confirm.html", ctx, &browser, &headers)
 }
 
@@ -150,7 +191,10 @@ pub async fn link_submit(
     };
     let locale = link_locale(&state, &headers, params.get("lang"), Some(&link));
     if link.purpose == RESET {
-        return super::account::reset_submit(&state, &headers, &browser, locale, &token, link, &params, connect.0).await;
+        return super::account::reset_submit(
+            &state, &headers, &browser, locale, &token, link, &params, connect.0,
+        )
+        .await;
     }
     let now = state.clock.now();
     let Some(link) = state.store.consume_link(&link.digest, now).await? else {
@@ -163,20 +207,51 @@ pub async fn link_submit(
         .await?
         .ok_or_else(PageError::not_found)?;
     let email = link.email.clone().unwrap_or_default();
-    state.store.set_account_email(&account.id, &email, now).await?;
+    state
+        .store
+        .set_account_email(&account.id, &email, now)
+        .await?;
     let tx = live_tx(&state, link.login_transaction_id.as_deref(), &browser).await;
     if link.purpose == CHANGE_EMAIL {
-        if let Some(old) = account.email.as_deref().filter(|old| *old != email && account.email_verified_at.is_some()) {
+        if let Some(old) = account
+            .email
+            .as_deref()
+            .filter(|old| *old != email && account.email_verified_at.is_some())
+        {
             let ctx = context! {
                 when => state.local_datetime(now),
                 new_email_masked => crate::mail::mask_email(&email),
             };
-            crate::mail::send(&state, locale, old, "email_changed_notice", "mail_subject_email_changed", ctx).await?;
+            crate::mail::send(
+                &state,
+                locale,
+                old,
+                "email_changed_notice",
+                "mail_subject_email_changed",
+                ctx,
+            )
+            .await?;
         }
         tracing::info!(account = %account.id, "email changed");
-        let next = if super::signed_in(&state, &headers).await?.is_some() { "/account".to_string() } else { login_url(None) };
-        return state.page(locale, "email_changed.html", context! { next_url => next }, &browser, &headers);
+        let next = if super::signed_in(&state, &headers).await?.is_some() {
+            "/account".to_string()
+        } else {
+            login_url(None)
+        };
+        return state.page(
+            locale,
+            "email_changed.html",
+            context! { next_url => next },
+            &browser,
+            &headers,
+        );
     }
     tracing::info!(account = %account.id, "email registered");
-    state.page(locale, "email_registered.html", context! { login_url => login_url(tx.as_deref()) }, &browser, &headers)
+    state.page(
+        locale,
+        "email_registered.html",
+        context! { login_url => login_url(tx.as_deref()) },
+        &browser,
+        &headers,
+    )
 }

@@ -64,22 +64,31 @@ pub fn normalize_email(raw: &str) -> String {
 
 /// A plain syntax check; the real proof is the mail that arrives.
 pub fn email_is_valid(email: &str) -> bool {
-    let Some((local, domain)) = email.rsplit_once('@') else { return false };
+    let Some((local, domain)) = email.rsplit_once('@') else {
+        return false;
+    };
     email.len() <= 254
         && email.is_ascii()
         && !local.is_empty()
         && local.len() <= 64
-        && !email.chars().any(|c| c.is_whitespace() || c.is_control() || "<>()[],;:\\\"".contains(c))
+        && !email
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "<>()[],;:\\\"".contains(c))
         && domain.contains('.')
         && !domain.starts_with('.')
         && !domain.ends_with('.')
         && !domain.contains("..")
-        && domain.split('.').all(|label| !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        && domain.split('.').all(|label| {
+            !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 /// The allow/deny lists of `[mail]` (a domain matches itself and its subdomains).
 pub fn domain_allowed(state: &AppState, email: &str) -> bool {
-    let domain = email.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
+    let domain = email
+        .rsplit_once('@')
+        .map(|(_, d)| d.to_ascii_lowercase())
+        .unwrap_or_default();
     let matches = |rule: &String| {
         let rule = rule.trim_start_matches('@').to_ascii_lowercase();
         domain == rule || domain.ends_with(&format!(".{rule}"))
@@ -106,22 +115,41 @@ pub fn email_errors(state: &AppState, email: &str, confirmation: &str) -> Vec<&'
 }
 
 /// A form post: parsed, CSRF-checked.
-pub fn read_form(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(Params, Browser), PageError> {
+pub fn read_form(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Params, Browser), PageError> {
     if !is_form(headers) {
-        return Err(PageError::bad_request("error_invalid_request", "form expected"));
+        return Err(PageError::bad_request(
+            "error_invalid_request",
+            "form expected",
+        ));
     }
-    let params = Params::parse(body).map_err(|e| PageError::bad_request("error_invalid_request", e.describe()))?;
-    let browser = csrf::verify(state, headers, params.get("csrf").unwrap_or("")).ok_or_else(PageError::csrf)?;
+    let params = Params::parse(body)
+        .map_err(|e| PageError::bad_request("error_invalid_request", e.describe()))?;
+    let browser = csrf::verify(state, headers, params.get("csrf").unwrap_or(""))
+        .ok_or_else(PageError::csrf)?;
     Ok((params, browser))
 }
 
 /// The signed-in student (restarting the idle timer), or None.
-pub async fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Option<(BrowserSession, Account)>, PageError> {
+pub async fn signed_in(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<(BrowserSession, Account)>, PageError> {
     let Some(session) = session::current(state, headers).await? else {
         return Ok(None);
     };
-    state.store.touch_session(&session.id, state.clock.now()).await?;
-    Ok(state.store.get_account(&session.account_id).await?.map(|a| (session, a)))
+    state
+        .store
+        .touch_session(&session.id, state.clock.now())
+        .await?;
+    Ok(state
+        .store
+        .get_account(&session.account_id)
+        .await?
+        .map(|a| (session, a)))
 }
 
 /// `tx` when it names a pending request of this browser, for links back to the login page.
@@ -146,7 +174,10 @@ mod tests {
 
     #[test]
     fn emails() {
-        assert_eq!(normalize_email(" ａｂｃ@example.ac.jp "), "abc@example.ac.jp");
+        assert_eq!(
+            normalize_email(" ａｂｃ@example.ac.jp "),
+            "abc@example.ac.jp"
+        );
         assert!(email_is_valid("taro.gakusei+x@mail.example.ac.jp"));
         assert!(!email_is_valid("taro@localhost"));
         assert!(!email_is_valid("taro@@example.jp"));

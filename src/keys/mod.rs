@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use josekit::jwk::Jwk;
-use josekit::jws::{JwsHeader, JwsSigner, JwsVerifier, EdDSA, ES256, ES384, PS256, RS256, RS384, RS512};
+use josekit::jws::{
+    EdDSA, JwsHeader, JwsSigner, JwsVerifier, ES256, ES384, PS256, RS256, RS384, RS512,
+};
 use josekit::jwt::JwtPayload;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256, Sha512};
@@ -70,7 +72,9 @@ impl Kek {
         let mut header = josekit::jwe::JweHeader::new();
         header.set_content_encryption("A256GCM");
         let encrypter = josekit::jwe::Dir.encrypter_from_bytes(self.0)?;
-        Ok(josekit::jwe::serialize_compact(plaintext, &header, &encrypter)?)
+        Ok(josekit::jwe::serialize_compact(
+            plaintext, &header, &encrypter,
+        )?)
     }
 
     pub fn decrypt(&self, ciphertext: &str) -> anyhow::Result<Vec<u8>> {
@@ -174,7 +178,12 @@ pub async fn rotate(
     let row = create_key(store, kek, alg, now, now + delay).await?;
     let published_until = row.active_from + max_token_lifetime;
     store
-        .retire_signing_keys(alg, &row.kid, published_until, published_until + KEEP_FOR_HINTS)
+        .retire_signing_keys(
+            alg,
+            &row.kid,
+            published_until,
+            published_until + KEEP_FOR_HINTS,
+        )
         .await?;
     Ok(row)
 }
@@ -218,12 +227,21 @@ impl KeySet {
                 let signer = signer_for_jwk(&row.alg, &private)?;
                 signers.insert(
                     row.alg.clone(),
-                    ActiveKey { kid: row.kid.clone(), alg: row.alg.clone(), signer },
+                    ActiveKey {
+                        kid: row.kid.clone(),
+                        alg: row.alg.clone(),
+                        signer,
+                    },
                 );
             }
         }
         let jwks = serde_json::to_vec(&serde_json::json!({ "keys": published }))?;
-        Ok(KeySet { signers, verifiers, jwks: jwks.into(), loaded_at: now })
+        Ok(KeySet {
+            signers,
+            verifiers,
+            jwks: jwks.into(),
+            loaded_at: now,
+        })
     }
 
     pub fn has_signer(&self, alg: &str) -> bool {
@@ -241,7 +259,11 @@ impl KeySet {
         header.set_token_type(typ);
         header.set_key_id(&key.kid);
         let payload = JwtPayload::from_map(claims)?;
-        Ok(josekit::jwt::encode_with_signer(&payload, &header, key.signer.as_ref())?)
+        Ok(josekit::jwt::encode_with_signer(
+            &payload,
+            &header,
+            key.signer.as_ref(),
+        )?)
     }
 
     /// Checks the signature of a JWT we issued (any key still kept), without checking expiry.

@@ -26,15 +26,32 @@ pub fn render(
     subject_key: &str,
     ctx: minijinja::Value,
 ) -> anyhow::Result<(String, String)> {
-    let text = state.ui.render(&format!("mail/{template}.txt"), locale, ctx)?;
+    let text = state
+        .ui
+        .render(&format!("mail/{template}.txt"), locale, ctx)?;
     Ok((state.ui.message(locale, subject_key), text))
 }
 
 /// An outbox job for a mail; the body is encrypted under the key-encryption key.
-pub fn job(state: &AppState, to: &str, subject: &str, text: &str, now: Timestamp) -> anyhow::Result<OutboxJob> {
+pub fn job(
+    state: &AppState,
+    to: &str,
+    subject: &str,
+    text: &str,
+    now: Timestamp,
+) -> anyhow::Result<OutboxJob> {
     let id = random_id();
-    let host = state.config.issuer_url().host_str().unwrap_or("localhost").to_string();
-    let body = MailBody { to: to.into(), subject: subject.into(), text: text.into() };
+    let host = state
+        .config
+        .issuer_url()
+        .host_str()
+        .unwrap_or("localhost")
+        .to_string();
+    let body = MailBody {
+        to: to.into(),
+        subject: subject.into(),
+        text: text.into(),
+    };
     Ok(OutboxJob {
         id: id.clone(),
         kind: "mail".into(),
@@ -54,7 +71,14 @@ pub fn job(state: &AppState, to: &str, subject: &str, text: &str, now: Timestamp
 }
 
 /// Queues a mail and wakes the worker; delivery is attempted within about a second.
-pub async fn send(state: &AppState, locale: Locale, to: &str, template: &str, subject_key: &str, ctx: minijinja::Value) -> anyhow::Result<()> {
+pub async fn send(
+    state: &AppState,
+    locale: Locale,
+    to: &str,
+    template: &str,
+    subject_key: &str,
+    ctx: minijinja::Value,
+) -> anyhow::Result<()> {
     let (subject, text) = render(state, locale, template, subject_key, ctx)?;
     let job = job(state, to, &subject, &text, state.clock.now())?;
     state.store.enqueue(&job).await?;

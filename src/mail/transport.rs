@@ -37,7 +37,9 @@ impl Transport {
             "starttls" => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&config.host)?,
             _ => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.host),
         };
-        let mut builder = builder.port(config.port).timeout(Some(Duration::from_secs(10)));
+        let mut builder = builder
+            .port(config.port)
+            .timeout(Some(Duration::from_secs(10)));
         if !config.username.is_empty() {
             builder = builder.credentials(Credentials::new(
                 config.username.clone(),
@@ -47,7 +49,13 @@ impl Transport {
         Ok(Transport::Smtp(builder.build()))
     }
 
-    pub async fn deliver(&self, from: &str, body: &MailBody, message_id: &str, now: i64) -> Delivery {
+    pub async fn deliver(
+        &self,
+        from: &str,
+        body: &MailBody,
+        message_id: &str,
+        now: i64,
+    ) -> Delivery {
         let eight_bit = matches!(self, Transport::File(_));
         let message = match build(from, body, message_id, now, eight_bit) {
             Ok(message) => message,
@@ -64,7 +72,10 @@ impl Transport {
                 Err(e) => Delivery::Retry(e.to_string()),
             },
             Transport::File(dir) => {
-                let name = format!("{now}-{}.eml", message_id.trim_matches(['<', '>']).replace(['@', '/'], "_"));
+                let name = format!(
+                    "{now}-{}.eml",
+                    message_id.trim_matches(['<', '>']).replace(['@', '/'], "_")
+                );
                 let tmp = dir.join(format!(".{name}.tmp"));
                 let result = tokio::fs::write(&tmp, message.formatted()).await;
                 match result.and(tokio::fs::rename(&tmp, dir.join(&name)).await) {
@@ -76,7 +87,13 @@ impl Transport {
     }
 }
 
-fn build(from: &str, body: &MailBody, message_id: &str, now: i64, eight_bit: bool) -> anyhow::Result<Message> {
+fn build(
+    from: &str,
+    body: &MailBody,
+    message_id: &str,
+    now: i64,
+    eight_bit: bool,
+) -> anyhow::Result<Message> {
     let from: Mailbox = from.parse()?;
     let to: Mailbox = body.to.parse()?;
     // Mail lines end in CRLF; the file transport keeps the text readable as 8-bit UTF-8.

@@ -42,7 +42,9 @@ pub fn spawn(state: AppState, transport: Transport) {
                 Ok(Ok(true)) => continue,
                 Ok(Ok(false)) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "outbox worker: store unavailable"),
-                Err(e) => tracing::error!(error = %e, "outbox job panicked; it will be retried after its lease"),
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox job panicked; it will be retried after its lease")
+                }
             }
             tokio::select! {
                 _ = state.outbox_wakeup.notified() => {}
@@ -53,7 +55,11 @@ pub fn spawn(state: AppState, transport: Transport) {
 }
 
 /// Works on one due job; false when none was due.
-pub async fn run_once(state: &AppState, transport: &Transport, owner: &str) -> anyhow::Result<bool> {
+pub async fn run_once(
+    state: &AppState,
+    transport: &Transport,
+    owner: &str,
+) -> anyhow::Result<bool> {
     let now = state.clock.now();
     let Some(job) = state.store.claim_job(owner, now, now + LEASE).await? else {
         return Ok(false);
@@ -71,7 +77,11 @@ pub async fn run_once(state: &AppState, transport: &Transport, owner: &str) -> a
             state.store.job_failed(&job.id, owner, now, &error).await?
         }
         Delivery::Retry(error) => {
-            let limit = if job.kind == "mail" { MAX_ATTEMPTS } else { BACKCHANNEL_MAX_ATTEMPTS };
+            let limit = if job.kind == "mail" {
+                MAX_ATTEMPTS
+            } else {
+                BACKCHANNEL_MAX_ATTEMPTS
+            };
             if job.attempts >= limit {
                 state.store.job_failed(&job.id, owner, now, &error).await?
             } else {
@@ -97,7 +107,12 @@ async fn deliver_mail(state: &AppState, transport: &Transport, job: &OutboxJob) 
         None => return Delivery::Permanent("the queued mail cannot be decrypted".into()),
     };
     transport
-        .deliver(&state.config.mail.from, &body, &job.message_id, state.clock.now())
+        .deliver(
+            &state.config.mail.from,
+            &body,
+            &job.message_id,
+            state.clock.now(),
+        )
         .await
 }
 

@@ -13,10 +13,10 @@ use super::params::Params;
 use crate::app::{see_other, AppState};
 use crate::auth::csrf::Browser;
 use crate::auth::levels::{decide, required_level, Decision, Level};
-use crate::enroll::Enrollment;
 use crate::auth::session;
 use crate::clock::{random_id, random_token, Timestamp};
 use crate::crypto::token_digest;
+use crate::enroll::Enrollment;
 use crate::error::PageError;
 use crate::store::{Account, AuthorizationCode, BrowserSession, LoginTransaction};
 
@@ -81,7 +81,10 @@ impl AuthRequest {
     }
 
     pub fn error_redirect(&self, issuer: &str, error: &str, description: &str) -> Response {
-        self.redirect_with(issuer, &[("error", error), ("error_description", description)])
+        self.redirect_with(
+            issuer,
+            &[("error", error), ("error_description", description)],
+        )
     }
 }
 
@@ -100,7 +103,10 @@ pub async fn authorize(
 ) -> Result<Response, PageError> {
     let raw = if method == Method::POST {
         if !super::params::is_form(&headers) {
-            return Err(PageError::bad_request("error_invalid_request", "invalid_request"));
+            return Err(PageError::bad_request(
+                "error_invalid_request",
+                "invalid_request",
+            ));
         }
         body.to_vec()
     } else {
@@ -111,15 +117,23 @@ pub async fn authorize(
     let locale = state.locale_for(&headers, params.get("lang"), params.get("ui_locales"));
     let client_id = params
         .get("client_id")
-        .ok_or_else(|| PageError::bad_request("error_invalid_request", "client_id is missing").in_locale(locale))?
+        .ok_or_else(|| {
+            PageError::bad_request("error_invalid_request", "client_id is missing")
+                .in_locale(locale)
+        })?
         .to_string();
     let client = clients::find(&state, &client_id)
         .await
         .map_err(|_| PageError::internal("client lookup failed"))?
-        .ok_or_else(|| PageError::bad_request("error_unknown_client", "invalid_client").in_locale(locale))?;
+        .ok_or_else(|| {
+            PageError::bad_request("error_unknown_client", "invalid_client").in_locale(locale)
+        })?;
     let redirect_uri = params.get("redirect_uri").unwrap_or("").to_string();
-    if !client.redirect_uris.iter().any(|u| *u == redirect_uri) {
-        return Err(PageError::bad_request("error_bad_redirect_uri", "invalid_redirect_uri").in_locale(locale));
+    if !client.redirect_uris.contains(&redirect_uri) {
+        return Err(
+            PageError::bad_request("error_bad_redirect_uri", "invalid_redirect_uri")
+                .in_locale(locale),
+        );
     }
     let mut request = AuthRequest {
         client_id: client_id.clone(),
@@ -165,7 +179,10 @@ pub async fn authorize(
                     ));
                 }
                 let tx = new_transaction(&state, &browser, &request, now).await?;
-                enrollment.page(Some(&tx)).map(|p| see_other(&p)).unwrap_or_else(|| see_other("/login"))
+                enrollment
+                    .page(Some(&tx))
+                    .map(|p| see_other(&p))
+                    .unwrap_or_else(|| see_other("/login"))
             } else {
                 issue_code(&state, &request, &session, &account, level, auth_time).await?
             }
@@ -179,7 +196,11 @@ pub async fn authorize(
         }
         (decision, _) => {
             let tx = new_transaction(&state, &browser, &request, now).await?;
-            let page = if decision == Decision::StepUp { "/login/step-up" } else { "/login" };
+            let page = if decision == Decision::StepUp {
+                "/login/step-up"
+            } else {
+                "/login"
+            };
             see_other(&format!("{page}?tx={tx}"))
         }
     };
@@ -188,7 +209,12 @@ pub async fn authorize(
 }
 
 /// Stores the request while the student signs in, bound to this browser; returns its id.
-async fn new_transaction(state: &AppState, browser: &Browser, request: &AuthRequest, now: Timestamp) -> Result<String, PageError> {
+async fn new_transaction(
+    state: &AppState,
+    browser: &Browser,
+    request: &AuthRequest,
+    now: Timestamp,
+) -> Result<String, PageError> {
     let tx = LoginTransaction {
         id: random_id(),
         browser_digest: browser.digest(),
@@ -203,12 +229,22 @@ async fn new_transaction(state: &AppState, browser: &Browser, request: &AuthRequ
     Ok(tx.id)
 }
 
-fn validate(client: &Client, params: &mut Params, request: &mut AuthRequest) -> Result<(), RedirectError> {
+fn validate(
+    client: &Client,
+    params: &mut Params,
+    request: &mut AuthRequest,
+) -> Result<(), RedirectError> {
     if params.has("request") {
-        return Err(RedirectError("request_not_supported", "request objects are not supported".into()));
+        return Err(RedirectError(
+            "request_not_supported",
+            "request objects are not supported".into(),
+        ));
     }
     if params.has("request_uri") {
-        return Err(RedirectError("request_uri_not_supported", "request_uri is not supported".into()));
+        return Err(RedirectError(
+            "request_uri_not_supported",
+            "request_uri is not supported".into(),
+        ));
     }
     match params.get("response_type") {
         None => return Err(invalid("response_type is missing")),
@@ -230,22 +266,36 @@ fn validate(client: &Client, params: &mut Params, request: &mut AuthRequest) -> 
         ));
     }
     let mut scope: Vec<String> = Vec::new();
-    for s in params.get("scope").unwrap_or("").split(' ').filter(|s| !s.is_empty()) {
+    for s in params
+        .get("scope")
+        .unwrap_or("")
+        .split(' ')
+        .filter(|s| !s.is_empty())
+    {
         if !scope.iter().any(|x| x == s) {
             scope.push(s.to_string());
         }
     }
     if !scope.iter().any(|s| s == "openid") {
-        return Err(RedirectError("invalid_scope", "scope must include openid".into()));
+        return Err(RedirectError(
+            "invalid_scope",
+            "scope must include openid".into(),
+        ));
     }
     if let Some(bad) = scope.iter().find(|s| !client.scopes.contains(s)) {
-        return Err(RedirectError("invalid_scope", format!("scope {bad} is not allowed for this client")));
+        return Err(RedirectError(
+            "invalid_scope",
+            format!("scope {bad} is not allowed for this client"),
+        ));
     }
     if !client.may_use_offline_access() {
         scope.retain(|s| s != "offline_access");
     }
     request.scope = scope;
-    match (params.get("code_challenge"), params.get("code_challenge_method")) {
+    match (
+        params.get("code_challenge"),
+        params.get("code_challenge_method"),
+    ) {
         (Some(challenge), Some("S256")) => {
             let valid = (43..=128).contains(&challenge.len())
                 && challenge
@@ -259,7 +309,9 @@ fn validate(client: &Client, params: &mut Params, request: &mut AuthRequest) -> 
         (Some(_), _) => return Err(invalid("code_challenge_method must be S256")),
         (None, Some(_)) => return Err(invalid("code_challenge_method without code_challenge")),
         (None, None) if client.is_public() => {
-            return Err(invalid("public clients must use PKCE (code_challenge with S256)"))
+            return Err(invalid(
+                "public clients must use PKCE (code_challenge with S256)",
+            ))
         }
         (None, None) => {}
     }
@@ -352,9 +404,13 @@ pub async fn load_transaction(
         .get_login_transaction(tx_id)
         .await?
         .filter(|tx| tx.completed_at.is_none() && tx.expires_at > state.clock.now())
-        .filter(|tx| crate::crypto::constant_time_eq(tx.browser_digest.as_bytes(), browser.digest().as_bytes()))
+        .filter(|tx| {
+            crate::crypto::constant_time_eq(
+                tx.browser_digest.as_bytes(),
+                browser.digest().as_bytes(),
+            )
+        })
         .ok_or_else(PageError::expired)?;
-    let request: AuthRequest =
-        serde_json::from_str(&tx.request).map_err(|e| PageError::internal(e))?;
+    let request: AuthRequest = serde_json::from_str(&tx.request).map_err(PageError::internal)?;
     Ok((tx, request))
 }

@@ -8,7 +8,12 @@ use crate::clock::random_token;
 use crate::store::{Account, BrowserSession};
 
 /// Signs a logout token for one client and session.
-pub fn logout_token(state: &AppState, client: &clients::Client, account: &Account, sid: &str) -> anyhow::Result<String> {
+pub fn logout_token(
+    state: &AppState,
+    client: &clients::Client,
+    account: &Account,
+    sid: &str,
+) -> anyhow::Result<String> {
     let now = state.clock.now();
     let mut claims = Map::new();
     claims.insert("iss".into(), json!(state.config.issuer));
@@ -16,7 +21,10 @@ pub fn logout_token(state: &AppState, client: &clients::Client, account: &Accoun
     claims.insert("iat".into(), json!(now));
     claims.insert("exp".into(), json!(now + 120));
     claims.insert("jti".into(), json!(random_token()));
-    claims.insert("sub".into(), json!(super::claims::subject(state, client, &account.sub)));
+    claims.insert(
+        "sub".into(),
+        json!(super::claims::subject(state, client, &account.sub)),
+    );
     claims.insert("sid".into(), json!(sid));
     claims.insert(
         "events".into(),
@@ -28,12 +36,18 @@ pub fn logout_token(state: &AppState, client: &clients::Client, account: &Accoun
 }
 
 /// One delivery attempt with a freshly signed token: POSTed to the URI exactly as registered.
-pub async fn deliver(state: &AppState, client: &clients::Client, account: &Account, sid: &str) -> Result<String, String> {
+pub async fn deliver(
+    state: &AppState,
+    client: &clients::Client,
+    account: &Account,
+    sid: &str,
+) -> Result<String, String> {
     let uri = client
         .backchannel_logout_uri
         .clone()
         .ok_or_else(|| "no backchannel_logout_uri".to_string())?;
-    let token = logout_token(state, client, account, sid).map_err(|e| format!("cannot sign: {e}"))?;
+    let token =
+        logout_token(state, client, account, sid).map_err(|e| format!("cannot sign: {e}"))?;
     let response = state
         .http
         .post(&uri)
@@ -57,7 +71,9 @@ pub async fn notify(state: &AppState, session: &BrowserSession, client_ids: &[St
         return;
     };
     for client_id in client_ids {
-        let Ok(Some(client)) = clients::find(state, client_id).await else { continue };
+        let Ok(Some(client)) = clients::find(state, client_id).await else {
+            continue;
+        };
         if client.backchannel_logout_uri.is_none() {
             continue;
         }

@@ -19,8 +19,20 @@ const PROFILE: &[&str] = &[
 const EMAIL: &[&str] = &["email", "email_verified"];
 /// Claims the protocol itself sets; never copied from the directory.
 const PROTOCOL: &[&str] = &[
-    "iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "azp", "at_hash", "sid",
-    "jti", "nbf",
+    "iss",
+    "sub",
+    "aud",
+    "exp",
+    "iat",
+    "auth_time",
+    "nonce",
+    "acr",
+    "amr",
+    "azp",
+    "at_hash",
+    "sid",
+    "jti",
+    "nbf",
 ];
 
 /// Everything nidan knows about the student at login: directory claims, the university user ID
@@ -28,7 +40,10 @@ const PROTOCOL: &[&str] = &[
 pub fn snapshot(account: &Account) -> Value {
     let mut claims: Map<String, Value> = serde_json::from_str(&account.claims).unwrap_or_default();
     claims.retain(|k, _| !PROTOCOL.contains(&k.as_str()));
-    claims.insert("preferred_username".into(), Value::String(account.username.clone()));
+    claims.insert(
+        "preferred_username".into(),
+        Value::String(account.username.clone()),
+    );
     if let (Some(email), Some(_)) = (&account.email, account.email_verified_at) {
         claims.insert("email".into(), Value::String(email.clone()));
         claims.insert("email_verified".into(), Value::Bool(true));
@@ -87,7 +102,10 @@ pub fn subject(state: &AppState, client: &ClientSettings, account_sub: &str) -> 
     } else {
         client.sector_identifier.clone()
     };
-    let digest = keyed_digest(&state.secrets.pairwise, format!("{sector}\u{0}{account_sub}").as_bytes());
+    let digest = keyed_digest(
+        &state.secrets.pairwise,
+        format!("{sector}\u{0}{account_sub}").as_bytes(),
+    );
     b64url(&hex::decode(digest).expect("hex")[..20])
 }
 

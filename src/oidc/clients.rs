@@ -43,7 +43,10 @@ pub async fn find(state: &AppState, client_id: &str) -> Result<Option<Client>, O
 
 pub fn from_row(row: ClientRow) -> anyhow::Result<Client> {
     let settings: ClientSettings = serde_json::from_str(&row.settings)?;
-    Ok(Client { settings, secret_digest: row.secret_digest })
+    Ok(Client {
+        settings,
+        secret_digest: row.secret_digest,
+    })
 }
 
 /// Credentials presented by a client, before checking them.
@@ -88,22 +91,36 @@ fn presented(headers: &HeaderMap, params: &Params) -> Result<Presented, OAuthErr
         + usize::from(assertion.is_some())
         + usize::from(post_secret.is_some());
     if methods > 1 {
-        return Err(OAuthError::invalid_request("use exactly one client authentication method"));
+        return Err(OAuthError::invalid_request(
+            "use exactly one client authentication method",
+        ));
     }
     if let Some((id, secret)) = basic {
         if params.get("client_id").is_some_and(|c| c != id) {
-            return Err(OAuthError::invalid_request("client_id does not match the credentials"));
+            return Err(OAuthError::invalid_request(
+                "client_id does not match the credentials",
+            ));
         }
-        return Ok(Presented { client_id: id, method: "client_secret_basic", secret: Some(secret), assertion: None });
+        return Ok(Presented {
+            client_id: id,
+            method: "client_secret_basic",
+            secret: Some(secret),
+            assertion: None,
+        });
     }
     if let Some(assertion) = assertion {
         if assertion_type != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer") {
-            return Err(OAuthError::invalid_request("unsupported client_assertion_type"));
+            return Err(OAuthError::invalid_request(
+                "unsupported client_assertion_type",
+            ));
         }
-        let subject = unverified_subject(assertion)
-            .ok_or_else(|| OAuthError::invalid_client("client_assertion is not a JWT with a sub"))?;
+        let subject = unverified_subject(assertion).ok_or_else(|| {
+            OAuthError::invalid_client("client_assertion is not a JWT with a sub")
+        })?;
         if params.get("client_id").is_some_and(|c| c != subject) {
-            return Err(OAuthError::invalid_client("client_id does not match the assertion"));
+            return Err(OAuthError::invalid_client(
+                "client_id does not match the assertion",
+            ));
         }
         return Ok(Presented {
             client_id: subject,
@@ -123,7 +140,12 @@ fn presented(headers: &HeaderMap, params: &Params) -> Result<Presented, OAuthErr
             secret: Some(secret.to_string()),
             assertion: None,
         }),
-        None => Ok(Presented { client_id, method: "none", secret: None, assertion: None }),
+        None => Ok(Presented {
+            client_id,
+            method: "none",
+            secret: None,
+            assertion: None,
+        }),
     }
 }
 
@@ -135,7 +157,11 @@ fn unverified_subject(jwt: &str) -> Option<String> {
 }
 
 /// Authenticates the client with its registered method (and only that one).
-pub async fn authenticate(state: &AppState, headers: &HeaderMap, params: &Params) -> Result<Client, OAuthError> {
+pub async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    params: &Params,
+) -> Result<Client, OAuthError> {
     let presented = presented(headers, params)?;
     let client = find(state, &presented.client_id)
         .await?
@@ -152,7 +178,9 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap, params: &Params
             let digest = secret_digest(&state.secrets.client_secret, &secret);
             let expected = client.secret_digest.clone().unwrap_or_default();
             if expected.is_empty() || !constant_time_eq(digest.as_bytes(), expected.as_bytes()) {
-                return Err(OAuthError::invalid_client("unknown client or wrong credentials"));
+                return Err(OAuthError::invalid_client(
+                    "unknown client or wrong credentials",
+                ));
             }
         }
         "private_key_jwt" => {
@@ -185,8 +213,13 @@ async fn client_jwks(state: &AppState, client: &Client) -> Result<JwkSet, OAuthE
 
 /// RFC 7523 client assertion: signed by a registered key, iss = sub = client_id, aud names us,
 /// not expired, and its `jti` never seen before (across replicas).
-async fn verify_assertion(state: &AppState, client: &Client, assertion: &str) -> Result<(), OAuthError> {
-    let reject = |why: &str| OAuthError::invalid_client(format!("client_assertion rejected: {why}"));
+async fn verify_assertion(
+    state: &AppState,
+    client: &Client,
+    assertion: &str,
+) -> Result<(), OAuthError> {
+    let reject =
+        |why: &str| OAuthError::invalid_client(format!("client_assertion rejected: {why}"));
     let jwks = client_jwks(state, client).await?;
     let header = assertion
         .split('.')
@@ -208,7 +241,9 @@ async fn verify_assertion(state: &AppState, client: &Client, assertion: &str) ->
     let now = state.clock.now();
     let claims = payload.claims_set();
     let text = |name: &str| claims.get(name).and_then(Value::as_str);
-    if text("iss") != Some(client.client_id.as_str()) || text("sub") != Some(client.client_id.as_str()) {
+    if text("iss") != Some(client.client_id.as_str())
+        || text("sub") != Some(client.client_id.as_str())
+    {
         return Err(reject("iss and sub must be the client_id"));
     }
     let token_endpoint = format!("{}/token", state.config.issuer);
@@ -223,7 +258,10 @@ async fn verify_assertion(state: &AppState, client: &Client, assertion: &str) ->
     if !audience_ok {
         return Err(reject("aud must be the issuer or the token endpoint"));
     }
-    let exp = claims.get("exp").and_then(Value::as_i64).ok_or_else(|| reject("exp is missing"))?;
+    let exp = claims
+        .get("exp")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| reject("exp is missing"))?;
     if exp + 60 < now {
         return Err(reject("expired"));
     }
@@ -232,7 +270,11 @@ async fn verify_assertion(state: &AppState, client: &Client, assertion: &str) ->
     }
     let jti = text("jti").ok_or_else(|| reject("jti is missing"))?;
     let key = format!("{}\u{0}{jti}", client.client_id);
-    if !state.store.record_assertion(&crate::crypto::token_digest(&key), exp + 120).await? {
+    if !state
+        .store
+        .record_assertion(&crate::crypto::token_digest(&key), exp + 120)
+        .await?
+    {
         return Err(reject("jti was already used"));
     }
     Ok(())

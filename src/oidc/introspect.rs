@@ -15,26 +15,42 @@ use crate::crypto::token_digest;
 use crate::error::OAuthError;
 use crate::store::Grant;
 
-async fn read(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<(clients::Client, Params), OAuthError> {
+async fn read(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(clients::Client, Params), OAuthError> {
     if !is_form(headers) {
-        return Err(OAuthError::invalid_request("the body must be application/x-www-form-urlencoded"));
+        return Err(OAuthError::invalid_request(
+            "the body must be application/x-www-form-urlencoded",
+        ));
     }
     let params = Params::parse(body).map_err(|e| OAuthError::invalid_request(e.describe()))?;
     let client = clients::authenticate(state, headers, &params).await?;
     Ok((client, params))
 }
 
-pub async fn introspect(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, OAuthError> {
+pub async fn introspect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, OAuthError> {
     let (client, params) = read(&state, &headers, &body).await?;
     if client.is_public() {
-        return Err(OAuthError::invalid_client("public clients may not introspect tokens"));
+        return Err(OAuthError::invalid_client(
+            "public clients may not introspect tokens",
+        ));
     }
     let token = params
         .get("token")
         .ok_or_else(|| OAuthError::invalid_request("token is missing"))?;
     let refresh_first = params.get("token_type_hint") == Some("refresh_token");
     let mut found: Option<(Grant, &str, i64, i64, String)> = None;
-    for kind in if refresh_first { ["refresh_token", "access_token"] } else { ["access_token", "refresh_token"] } {
+    for kind in if refresh_first {
+        ["refresh_token", "access_token"]
+    } else {
+        ["access_token", "refresh_token"]
+    } {
         if kind == "access_token" {
             if let Some((t, g)) = active_access_token(&state, token).await? {
                 found = Some((g, "Bearer", t.expires_at, t.created_at, t.scope));
@@ -46,7 +62,9 @@ pub async fn introspect(State(state): State<AppState>, headers: HeaderMap, body:
         }
     }
     let Some((grant, token_type, exp, iat, scope)) = found else {
-        return Ok(no_store(axum::Json(json!({ "active": false })).into_response()));
+        return Ok(no_store(
+            axum::Json(json!({ "active": false })).into_response(),
+        ));
     };
     let mut body = json!({
         "active": true,
@@ -79,7 +97,11 @@ pub async fn introspect(State(state): State<AppState>, headers: HeaderMap, body:
     Ok(no_store(axum::Json(body).into_response()))
 }
 
-pub async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, OAuthError> {
+pub async fn revoke(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, OAuthError> {
     let (client, params) = read(&state, &headers, &body).await?;
     let token = params
         .get("token")

@@ -23,15 +23,22 @@ pub async fn logout(
     RawQuery(query): RawQuery,
     body: Bytes,
 ) -> Result<Response, PageError> {
-    let raw = if method == Method::POST && is_form(&headers) { body.to_vec() } else { query.unwrap_or_default().into_bytes() };
-    let params = Params::parse(&raw).map_err(|e| PageError::bad_request("error_invalid_request", e.describe()))?;
+    let raw = if method == Method::POST && is_form(&headers) {
+        body.to_vec()
+    } else {
+        query.unwrap_or_default().into_bytes()
+    };
+    let params = Params::parse(&raw)
+        .map_err(|e| PageError::bad_request("error_invalid_request", e.describe()))?;
     let locale = state.locale_for(&headers, params.get("lang"), params.get("ui_locales"));
-    let bad = |detail: &str| PageError::bad_request("error_invalid_request", detail).in_locale(locale);
+    let bad =
+        |detail: &str| PageError::bad_request("error_invalid_request", detail).in_locale(locale);
 
     // A hint that does not verify counts as no hint: the student is asked to confirm.
     let hint = params.get("id_token_hint").and_then(|token| {
         let claims = state.current_keys().verify_own(token)?;
-        (claims.get("iss").and_then(Value::as_str) == Some(state.config.issuer.as_str())).then_some(claims)
+        (claims.get("iss").and_then(Value::as_str) == Some(state.config.issuer.as_str()))
+            .then_some(claims)
     });
     let hint_audience = hint.as_ref().and_then(|c| match c.get("aud") {
         Some(Value::String(a)) => Some(a.clone()),
@@ -39,7 +46,9 @@ pub async fn logout(
         _ => None,
     });
     let client_id = match (params.get("client_id"), &hint_audience) {
-        (Some(id), Some(aud)) if id != aud => return Err(bad("client_id does not match id_token_hint")),
+        (Some(id), Some(aud)) if id != aud => {
+            return Err(bad("client_id does not match id_token_hint"))
+        }
         (Some(id), _) => Some(id.to_string()),
         (None, aud) => aud.clone(),
     };
@@ -54,9 +63,13 @@ pub async fn logout(
     };
     let redirect = match params.get("post_logout_redirect_uri") {
         Some(uri) => {
-            let client = client.as_ref().ok_or_else(|| bad("post_logout_redirect_uri needs client_id or id_token_hint"))?;
+            let client = client
+                .as_ref()
+                .ok_or_else(|| bad("post_logout_redirect_uri needs client_id or id_token_hint"))?;
             if !client.post_logout_redirect_uris.iter().any(|u| u == uri) {
-                return Err(bad("post_logout_redirect_uri is not registered for this client"));
+                return Err(bad(
+                    "post_logout_redirect_uri is not registered for this client",
+                ));
             }
             let mut url = Url::parse(uri).map_err(|_| bad("invalid post_logout_redirect_uri"))?;
             if let Some(state_param) = params.get("state") {
@@ -69,13 +82,19 @@ pub async fn logout(
 
     let current = session::current(&state, &headers).await?;
     let confirmed = method == Method::POST
-        && params.get("csrf").is_some_and(|t| csrf::verify(&state, &headers, t).is_some());
+        && params
+            .get("csrf")
+            .is_some_and(|t| csrf::verify(&state, &headers, t).is_some());
     let hint_matches = match (&hint, &current, &client) {
         (Some(claims), Some(session), Some(client)) => {
             let account = state.store.get_account(&session.account_id).await?;
-            let sid_ok = claims.get("sid").and_then(Value::as_str).is_none_or(|sid| sid == session.sid);
+            let sid_ok = claims
+                .get("sid")
+                .and_then(Value::as_str)
+                .is_none_or(|sid| sid == session.sid);
             account.is_some_and(|a| {
-                claims.get("sub").and_then(Value::as_str) == Some(super::claims::subject(&state, client, &a.sub).as_str())
+                claims.get("sub").and_then(Value::as_str)
+                    == Some(super::claims::subject(&state, client, &a.sub).as_str())
             }) && sid_ok
         }
         _ => false,
@@ -99,7 +118,13 @@ pub async fn logout(
         Some(url) => see_other(&url),
         None => {
             let browser = Browser::from_headers(&state, &headers);
-            state.page(locale, "logged_out.html", context! { menu => false }, &browser, &headers)?
+            state.page(
+                locale,
+                "logged_out.html",
+                context! { menu => false },
+                &browser,
+                &headers,
+            )?
         }
     };
     response
@@ -116,7 +141,10 @@ pub async fn end_session(state: &AppState, session: &BrowserSession) -> Result<(
         return Ok(());
     }
     let clients = state.store.session_clients(&session.id).await?;
-    state.store.revoke_session_grants(&session.id, true, now).await?;
+    state
+        .store
+        .revoke_session_grants(&session.id, true, now)
+        .await?;
     super::backchannel::notify(state, session, &clients).await;
     Ok(())
 }

@@ -65,7 +65,10 @@ pub fn is_form(headers: &HeaderMap) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"))
+        .is_some_and(|v| {
+            v.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
 }
 
 #[cfg(test)]
@@ -74,7 +77,10 @@ mod tests {
 
     #[test]
     fn duplicates_are_refused_and_empty_values_ignored() {
-        assert!(matches!(Params::parse(b"a=1&a=2"), Err(ParamError::Duplicate(_))));
+        assert!(matches!(
+            Params::parse(b"a=1&a=2"),
+            Err(ParamError::Duplicate(_))
+        ));
         let p = Params::parse(b"a=1&b=&c=%20x").unwrap();
         assert_eq!(p.get("a"), Some("1"));
         assert_eq!(p.get("b"), None);

@@ -15,7 +15,11 @@ use crate::crypto::{pkce_s256_matches, token_digest};
 use crate::error::OAuthError;
 use crate::store::{AccessToken, Grant, Redeemed, RefreshToken};
 
-pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, OAuthError> {
+pub async fn token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, OAuthError> {
     if !is_form(&headers) {
         return Err(OAuthError::invalid_request(
             "the body must be application/x-www-form-urlencoded",
@@ -26,11 +30,20 @@ pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Byte
     let grant_type = params
         .get("grant_type")
         .ok_or_else(|| OAuthError::invalid_request("grant_type is missing"))?;
-    if !matches!(grant_type, "authorization_code" | "refresh_token" | "client_credentials") {
-        return Err(OAuthError::new("unsupported_grant_type", "this grant type is not supported"));
+    if !matches!(
+        grant_type,
+        "authorization_code" | "refresh_token" | "client_credentials"
+    ) {
+        return Err(OAuthError::new(
+            "unsupported_grant_type",
+            "this grant type is not supported",
+        ));
     }
     if !client.allows_grant(grant_type) {
-        return Err(OAuthError::new("unauthorized_client", "this client may not use this grant type"));
+        return Err(OAuthError::new(
+            "unauthorized_client",
+            "this client may not use this grant type",
+        ));
     }
     let body = match grant_type {
         "authorization_code" => authorization_code(&state, &client, &params).await?,
@@ -47,7 +60,11 @@ pub fn no_store(mut response: Response) -> Response {
     response
 }
 
-async fn authorization_code(state: &AppState, client: &Client, params: &Params) -> Result<Value, OAuthError> {
+async fn authorization_code(
+    state: &AppState,
+    client: &Client,
+    params: &Params,
+) -> Result<Value, OAuthError> {
     let code = params
         .get("code")
         .ok_or_else(|| OAuthError::invalid_request("code is missing"))?;
@@ -64,20 +81,28 @@ async fn authorization_code(state: &AppState, client: &Client, params: &Params) 
         Redeemed::NotFound => return Err(OAuthError::invalid_grant("unknown code")),
     };
     if code.client_id != client.client_id {
-        return Err(OAuthError::invalid_grant("the code was issued to another client"));
+        return Err(OAuthError::invalid_grant(
+            "the code was issued to another client",
+        ));
     }
     if code.expires_at <= now {
         return Err(OAuthError::invalid_grant("the code has expired"));
     }
     if params.get("redirect_uri") != Some(code.redirect_uri.as_str()) {
-        return Err(OAuthError::invalid_grant("redirect_uri does not match the authorization request"));
+        return Err(OAuthError::invalid_grant(
+            "redirect_uri does not match the authorization request",
+        ));
     }
     match (&code.code_challenge, params.get("code_verifier")) {
         (Some(challenge), Some(verifier)) if pkce_s256_matches(verifier, challenge) => {}
-        (Some(_), Some(_)) => return Err(OAuthError::invalid_grant("code_verifier does not match")),
+        (Some(_), Some(_)) => {
+            return Err(OAuthError::invalid_grant("code_verifier does not match"))
+        }
         (Some(_), None) => return Err(OAuthError::invalid_grant("code_verifier is missing")),
         (None, Some(_)) => {
-            return Err(OAuthError::invalid_grant("code_verifier given but no code_challenge was sent"))
+            return Err(OAuthError::invalid_grant(
+                "code_verifier given but no code_challenge was sent",
+            ))
         }
         (None, None) => {}
     }
@@ -111,10 +136,23 @@ async fn authorization_code(state: &AppState, client: &Client, params: &Params) 
         .get_account(&code.account_id)
         .await?
         .ok_or_else(|| OAuthError::invalid_grant("the account no longer exists"))?;
-    issue_tokens(state, client, &grant, &code.scope, &account.sub, code.nonce.as_deref(), true).await
+    issue_tokens(
+        state,
+        client,
+        &grant,
+        &code.scope,
+        &account.sub,
+        code.nonce.as_deref(),
+        true,
+    )
+    .await
 }
 
-async fn refresh_token(state: &AppState, client: &Client, params: &Params) -> Result<Value, OAuthError> {
+async fn refresh_token(
+    state: &AppState,
+    client: &Client,
+    params: &Params,
+) -> Result<Value, OAuthError> {
     let presented = params
         .get("refresh_token")
         .ok_or_else(|| OAuthError::invalid_request("refresh_token is missing"))?;
@@ -134,7 +172,9 @@ async fn refresh_token(state: &AppState, client: &Client, params: &Params) -> Re
         Redeemed::AlreadyUsed(token) => {
             // Reuse of a rotated token: someone has a copy, so the whole grant goes.
             state.store.revoke_grant(&token.grant_id, now).await?;
-            return Err(OAuthError::invalid_grant("the refresh token was already used"));
+            return Err(OAuthError::invalid_grant(
+                "the refresh token was already used",
+            ));
         }
         Redeemed::NotFound => return Err(OAuthError::invalid_grant("unknown refresh token")),
     };
@@ -144,15 +184,27 @@ async fn refresh_token(state: &AppState, client: &Client, params: &Params) -> Re
         .await?
         .ok_or_else(|| OAuthError::invalid_grant("unknown refresh token"))?;
     if grant.client_id != client.client_id {
-        return Err(OAuthError::invalid_grant("the refresh token was issued to another client"));
+        return Err(OAuthError::invalid_grant(
+            "the refresh token was issued to another client",
+        ));
     }
-    if grant.revoked_at.is_some() || token.revoked_at.is_some() || token.expires_at <= now || grant.expires_at <= now {
-        return Err(OAuthError::invalid_grant("the refresh token is no longer valid"));
+    if grant.revoked_at.is_some()
+        || token.revoked_at.is_some()
+        || token.expires_at <= now
+        || grant.expires_at <= now
+    {
+        return Err(OAuthError::invalid_grant(
+            "the refresh token is no longer valid",
+        ));
     }
     if grant.offline == 0 {
         // Without offline_access, refresh tokens end with the browser session.
         let alive = match &grant.session_id {
-            Some(id) => state.store.get_session(id).await?.is_some_and(|s| s.is_active(state, now)),
+            Some(id) => state
+                .store
+                .get_session(id)
+                .await?
+                .is_some_and(|s| s.is_active(state, now)),
             None => false,
         };
         if !alive {
@@ -173,12 +225,17 @@ async fn refresh_token(state: &AppState, client: &Client, params: &Params) -> Re
             refreshed.claims = Value::Object(user.claims).to_string();
             let snapshot = claims::snapshot(&refreshed).to_string();
             if snapshot != grant.claims {
-                state.store.update_grant_claims(&grant.id, &snapshot).await?;
+                state
+                    .store
+                    .update_grant_claims(&grant.id, &snapshot)
+                    .await?;
             }
         }
         Ok(_) => {
             state.store.revoke_grant(&grant.id, now).await?;
-            return Err(OAuthError::invalid_grant("the student is no longer in the directory"));
+            return Err(OAuthError::invalid_grant(
+                "the student is no longer in the directory",
+            ));
         }
         Err(e) => {
             tracing::warn!(error = %e, "directory unavailable during refresh; keeping stored claims");
@@ -189,19 +246,38 @@ async fn refresh_token(state: &AppState, client: &Client, params: &Params) -> Re
         Some(requested) => {
             let requested: Vec<&str> = requested.split(' ').filter(|s| !s.is_empty()).collect();
             if let Some(bad) = requested.iter().find(|s| !granted.contains(s)) {
-                return Err(OAuthError::new("invalid_scope", format!("scope {bad} was not granted")));
+                return Err(OAuthError::new(
+                    "invalid_scope",
+                    format!("scope {bad} was not granted"),
+                ));
             }
             requested.join(" ")
         }
         None => token.scope.clone(),
     };
     let grant = state.store.get_grant(&grant.id).await?.unwrap_or(grant);
-    issue_tokens(state, client, &grant, &scope, &account.sub, None, scope.split(' ').any(|s| s == "openid")).await
+    issue_tokens(
+        state,
+        client,
+        &grant,
+        &scope,
+        &account.sub,
+        None,
+        scope.split(' ').any(|s| s == "openid"),
+    )
+    .await
 }
 
-async fn client_credentials(state: &AppState, client: &Client, params: &Params) -> Result<Value, OAuthError> {
+async fn client_credentials(
+    state: &AppState,
+    client: &Client,
+    params: &Params,
+) -> Result<Value, OAuthError> {
     if client.is_public() {
-        return Err(OAuthError::new("unauthorized_client", "public clients cannot use client_credentials"));
+        return Err(OAuthError::new(
+            "unauthorized_client",
+            "public clients cannot use client_credentials",
+        ));
     }
     let requested: Vec<&str> = params
         .get("scope")
@@ -209,11 +285,13 @@ async fn client_credentials(state: &AppState, client: &Client, params: &Params) 
         .split(' ')
         .filter(|s| !s.is_empty())
         .collect();
-    if let Some(bad) = requested
-        .iter()
-        .find(|s| !client.scopes.iter().any(|c| c == *s) || matches!(**s, "openid" | "offline_access"))
-    {
-        return Err(OAuthError::new("invalid_scope", format!("scope {bad} cannot be granted to a client")));
+    if let Some(bad) = requested.iter().find(|s| {
+        !client.scopes.iter().any(|c| c == *s) || matches!(**s, "openid" | "offline_access")
+    }) {
+        return Err(OAuthError::new(
+            "invalid_scope",
+            format!("scope {bad} cannot be granted to a client"),
+        ));
     }
     let now = state.clock.now();
     let lifetime = state.config.lifetimes.access_token.as_secs() as i64;
@@ -246,10 +324,15 @@ async fn client_credentials(state: &AppState, client: &Client, params: &Params) 
     Ok(body)
 }
 
-async fn new_access_token(state: &AppState, grant: &Grant, scope: &str) -> Result<String, OAuthError> {
+async fn new_access_token(
+    state: &AppState,
+    grant: &Grant,
+    scope: &str,
+) -> Result<String, OAuthError> {
     let now = state.clock.now();
     let token = random_token();
-    let expires_at = (now + state.config.lifetimes.access_token.as_secs() as i64).min(grant.expires_at.max(now + 60));
+    let expires_at = (now + state.config.lifetimes.access_token.as_secs() as i64)
+        .min(grant.expires_at.max(now + 60));
     state
         .store
         .insert_access_token(&AccessToken {
@@ -299,7 +382,15 @@ async fn issue_tokens(
         body["refresh_token"] = Value::String(refresh);
     }
     if with_id_token {
-        let id_token = id_token(state, client, grant, scope, account_sub, nonce, Some(&access_token))?;
+        let id_token = id_token(
+            state,
+            client,
+            grant,
+            scope,
+            account_sub,
+            nonce,
+            Some(&access_token),
+        )?;
         body["id_token"] = Value::String(id_token);
     }
     Ok(body)
@@ -318,15 +409,24 @@ pub fn id_token(
     let alg = client.id_token_signed_response_alg.as_str();
     let scopes: Vec<&str> = scope.split(' ').collect();
     let snapshot: Value = serde_json::from_str(&grant.claims).unwrap_or_default();
-    let claims_request: Option<Value> = grant.claims_request.as_deref().and_then(|c| serde_json::from_str(c).ok());
+    let claims_request: Option<Value> = grant
+        .claims_request
+        .as_deref()
+        .and_then(|c| serde_json::from_str(c).ok());
     let requested = claims::requested(claims_request.as_ref(), "id_token");
     let mut payload: Map<String, Value> = claims::release(&snapshot, &scopes, client, requested);
     payload.insert("iss".into(), json!(state.config.issuer));
-    payload.insert("sub".into(), json!(claims::subject(state, client, account_sub)));
+    payload.insert(
+        "sub".into(),
+        json!(claims::subject(state, client, account_sub)),
+    );
     payload.insert("aud".into(), json!(client.client_id));
     payload.insert("azp".into(), json!(client.client_id));
     payload.insert("iat".into(), json!(now));
-    payload.insert("exp".into(), json!(now + state.config.lifetimes.id_token.as_secs() as i64));
+    payload.insert(
+        "exp".into(),
+        json!(now + state.config.lifetimes.id_token.as_secs() as i64),
+    );
     if let Some(auth_time) = grant.auth_time {
         payload.insert("auth_time".into(), json!(auth_time));
     }

@@ -15,7 +15,10 @@ use crate::error::BearerError;
 use crate::store::{AccessToken, Grant, RefreshToken};
 
 /// A live access token with its grant.
-pub async fn active_access_token(state: &AppState, token: &str) -> Result<Option<(AccessToken, Grant)>, crate::store::StoreError> {
+pub async fn active_access_token(
+    state: &AppState,
+    token: &str,
+) -> Result<Option<(AccessToken, Grant)>, crate::store::StoreError> {
     let now = state.clock.now();
     let Some(row) = state.store.find_access_token(&token_digest(token)).await? else {
         return Ok(None);
@@ -33,7 +36,10 @@ pub async fn active_access_token(state: &AppState, token: &str) -> Result<Option
 }
 
 /// A live refresh token with its grant.
-pub async fn active_refresh_token(state: &AppState, token: &str) -> Result<Option<(RefreshToken, Grant)>, crate::store::StoreError> {
+pub async fn active_refresh_token(
+    state: &AppState,
+    token: &str,
+) -> Result<Option<(RefreshToken, Grant)>, crate::store::StoreError> {
     let now = state.clock.now();
     let Some(row) = state.store.find_refresh_token(&token_digest(token)).await? else {
         return Ok(None);
@@ -54,9 +60,13 @@ fn bearer_from_header(headers: &HeaderMap) -> Result<Option<String>, BearerError
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };
-    let value = value.to_str().map_err(|_| BearerError::invalid_request("malformed Authorization header"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| BearerError::invalid_request("malformed Authorization header"))?;
     match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
             Ok(Some(token.trim().to_string()))
         }
         _ => Err(BearerError::missing()),
@@ -89,10 +99,14 @@ pub async fn userinfo(
             tracing::error!(error = %e, "userinfo lookup failed");
             BearerError::invalid_token("the token could not be checked")
         })?
-        .ok_or_else(|| BearerError::invalid_token("the access token is invalid, expired or revoked"))?;
+        .ok_or_else(|| {
+            BearerError::invalid_token("the access token is invalid, expired or revoked")
+        })?;
     let scopes: Vec<&str> = access.scope.split(' ').collect();
     let (Some(account_id), true) = (&grant.account_id, scopes.contains(&"openid")) else {
-        return Err(BearerError::insufficient_scope("the token was not issued with the openid scope"));
+        return Err(BearerError::insufficient_scope(
+            "the token was not issued with the openid scope",
+        ));
     };
     let client = clients::find(&state, &grant.client_id)
         .await
@@ -107,8 +121,21 @@ pub async fn userinfo(
         .flatten()
         .ok_or_else(|| BearerError::invalid_token("the account no longer exists"))?;
     let snapshot: Value = serde_json::from_str(&grant.claims).unwrap_or_default();
-    let claims_request: Option<Value> = grant.claims_request.as_deref().and_then(|c| serde_json::from_str(c).ok());
-    let mut body = claims::release(&snapshot, &scopes, &client, claims::requested(claims_request.as_ref(), "userinfo"));
-    body.insert("sub".into(), json!(claims::subject(&state, &client, &account.sub)));
-    Ok(super::token::no_store(axum::Json(Value::Object(body)).into_response()))
+    let claims_request: Option<Value> = grant
+        .claims_request
+        .as_deref()
+        .and_then(|c| serde_json::from_str(c).ok());
+    let mut body = claims::release(
+        &snapshot,
+        &scopes,
+        &client,
+        claims::requested(claims_request.as_ref(), "userinfo"),
+    );
+    body.insert(
+        "sub".into(),
+        json!(claims::subject(&state, &client, &account.sub)),
+    );
+    Ok(super::token::no_store(
+        axum::Json(Value::Object(body)).into_response(),
+    ))
 }

@@ -240,8 +240,18 @@ pub trait Store: Send + Sync + 'static {
     /// Accounts whose verified email is `email` (several students may share one).
     async fn find_accounts_by_email(&self, email: &str) -> StoreResult<Vec<Account>>;
     /// Registers a verified email; a previous address is remembered with the time of the change.
-    async fn set_account_email(&self, account_id: &str, email: &str, now: Timestamp) -> StoreResult<()>;
-    async fn set_second_password(&self, account_id: &str, hash: &str, now: Timestamp) -> StoreResult<()>;
+    async fn set_account_email(
+        &self,
+        account_id: &str,
+        email: &str,
+        now: Timestamp,
+    ) -> StoreResult<()>;
+    async fn set_second_password(
+        &self,
+        account_id: &str,
+        hash: &str,
+        now: Timestamp,
+    ) -> StoreResult<()>;
 
     // Clients registered in the store (the configuration file's are synchronised at start).
     async fn put_client(&self, client: &ClientRow) -> StoreResult<()>;
@@ -263,7 +273,10 @@ pub trait Store: Send + Sync + 'static {
 
     // Browser sessions.
     async fn insert_session(&self, session: &BrowserSession) -> StoreResult<()>;
-    async fn find_session_by_cookie(&self, cookie_digest: &str) -> StoreResult<Option<BrowserSession>>;
+    async fn find_session_by_cookie(
+        &self,
+        cookie_digest: &str,
+    ) -> StoreResult<Option<BrowserSession>>;
     async fn get_session(&self, id: &str) -> StoreResult<Option<BrowserSession>>;
     /// Writes every mutable field of the session.
     async fn update_session(&self, session: &BrowserSession) -> StoreResult<()>;
@@ -277,7 +290,11 @@ pub trait Store: Send + Sync + 'static {
 
     // Authorization codes.
     async fn insert_code(&self, code: &AuthorizationCode) -> StoreResult<()>;
-    async fn redeem_code(&self, digest: &str, now: Timestamp) -> StoreResult<Redeemed<AuthorizationCode>>;
+    async fn redeem_code(
+        &self,
+        digest: &str,
+        now: Timestamp,
+    ) -> StoreResult<Redeemed<AuthorizationCode>>;
     async fn set_code_grant(&self, digest: &str, grant_id: &str) -> StoreResult<()>;
 
     // Grants and tokens.
@@ -285,7 +302,12 @@ pub trait Store: Send + Sync + 'static {
     async fn get_grant(&self, id: &str) -> StoreResult<Option<Grant>>;
     async fn revoke_grant(&self, id: &str, now: Timestamp) -> StoreResult<()>;
     /// Revokes the session's grants; with `online_only`, those without offline access.
-    async fn revoke_session_grants(&self, session_id: &str, online_only: bool, now: Timestamp) -> StoreResult<u64>;
+    async fn revoke_session_grants(
+        &self,
+        session_id: &str,
+        online_only: bool,
+        now: Timestamp,
+    ) -> StoreResult<u64>;
     /// Clients that received tokens through the session (for back-channel logout).
     async fn session_clients(&self, session_id: &str) -> StoreResult<Vec<String>>;
     async fn update_grant_claims(&self, id: &str, claims: &str) -> StoreResult<()>;
@@ -294,12 +316,22 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_access_token(&self, digest: &str, now: Timestamp) -> StoreResult<()>;
     async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()>;
     async fn find_refresh_token(&self, digest: &str) -> StoreResult<Option<RefreshToken>>;
-    async fn redeem_refresh_token(&self, digest: &str, now: Timestamp) -> StoreResult<Redeemed<RefreshToken>>;
+    async fn redeem_refresh_token(
+        &self,
+        digest: &str,
+        now: Timestamp,
+    ) -> StoreResult<Redeemed<RefreshToken>>;
 
     // Throttling. A reservation counts an attempt before it is checked, so that parallel attempts
     // can never exceed `limit`; a success gives its reservation back.
     /// Takes one of `limit` attempts in the current window; None when locked or at the limit.
-    async fn throttle_reserve(&self, key: &str, limit: i64, window: i64, now: Timestamp) -> StoreResult<Option<i64>>;
+    async fn throttle_reserve(
+        &self,
+        key: &str,
+        limit: i64,
+        window: i64,
+        now: Timestamp,
+    ) -> StoreResult<Option<i64>>;
     async fn throttle_release(&self, key: &str) -> StoreResult<()>;
     /// Locks the key until `until` (unless already locked) and starts a new window.
     async fn throttle_lock(&self, key: &str, until: Timestamp, now: Timestamp) -> StoreResult<()>;
@@ -313,11 +345,29 @@ pub trait Store: Send + Sync + 'static {
     // The outbox: a durable job queue; a lease keeps replicas from working on one job at once.
     async fn enqueue(&self, job: &OutboxJob) -> StoreResult<()>;
     /// Leases the next due job to `owner` until `lease_until`.
-    async fn claim_job(&self, owner: &str, now: Timestamp, lease_until: Timestamp) -> StoreResult<Option<OutboxJob>>;
+    async fn claim_job(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        lease_until: Timestamp,
+    ) -> StoreResult<Option<OutboxJob>>;
     /// Delivered: records the reply and blanks the payload.
-    async fn job_sent(&self, id: &str, owner: &str, now: Timestamp, reply: &str) -> StoreResult<()>;
-    async fn job_retry(&self, id: &str, owner: &str, next_attempt_at: Timestamp, error: &str) -> StoreResult<()>;
-    async fn job_failed(&self, id: &str, owner: &str, now: Timestamp, error: &str) -> StoreResult<()>;
+    async fn job_sent(&self, id: &str, owner: &str, now: Timestamp, reply: &str)
+        -> StoreResult<()>;
+    async fn job_retry(
+        &self,
+        id: &str,
+        owner: &str,
+        next_attempt_at: Timestamp,
+        error: &str,
+    ) -> StoreResult<()>;
+    async fn job_failed(
+        &self,
+        id: &str,
+        owner: &str,
+        now: Timestamp,
+        error: &str,
+    ) -> StoreResult<()>;
     async fn list_jobs(&self, limit: i64) -> StoreResult<Vec<OutboxJob>>;
     /// Puts failed (or waiting) jobs back in the queue now; `id` None = every failed job.
     async fn retry_jobs(&self, id: Option<&str>, now: Timestamp) -> StoreResult<u64>;
@@ -341,6 +391,8 @@ pub async fn connect(database_url: &str) -> anyhow::Result<DynStore> {
     if database_url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(database_url).await?))
     } else {
-        Ok(Arc::new(postgres::PostgresStore::connect(database_url).await?))
+        Ok(Arc::new(
+            postgres::PostgresStore::connect(database_url).await?,
+        ))
     }
 }

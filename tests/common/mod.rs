@@ -140,7 +140,11 @@ fn default_clients(jwt_public: &Jwk) -> Vec<TestClient> {
             "scopes": all_scopes(),
         });
         merge(&mut settings, extra);
-        TestClient { client_id: id, secret: Some(secret), settings }
+        TestClient {
+            client_id: id,
+            secret: Some(secret),
+            settings,
+        }
     };
     vec![
         confidential(
@@ -256,7 +260,10 @@ impl TestAppBuilder {
         let issuer = format!("http://{addr}");
 
         let (database_url, pg) = match self.backend {
-            Backend::Sqlite => (format!("sqlite://{}", root.join("nidan.db").display()), None),
+            Backend::Sqlite => (
+                format!("sqlite://{}", root.join("nidan.db").display()),
+                None,
+            ),
             Backend::Postgres => {
                 let db = PgDatabase::create().await;
                 (db.url.clone(), Some(db))
@@ -531,7 +538,9 @@ impl TestApp {
         student: &Student,
         level: Level,
     ) -> Tokens {
-        let reply = browser.sign_in(&authz.url(&self.issuer), student, level).await;
+        let reply = browser
+            .sign_in(&authz.url(&self.issuer), student, level)
+            .await;
         let code = reply.code();
         self.exchange(&authz, &code).await
     }
@@ -548,7 +557,10 @@ impl TestApp {
         let mut form = vec![
             ("grant_type", "authorization_code"),
             ("code", code),
-            ("redirect_uri", authz.get("redirect_uri").unwrap_or(REDIRECT_URI)),
+            (
+                "redirect_uri",
+                authz.get("redirect_uri").unwrap_or(REDIRECT_URI),
+            ),
         ];
         if let Some(verifier) = &authz.verifier {
             form.push(("code_verifier", verifier));
@@ -559,7 +571,10 @@ impl TestApp {
     pub async fn refresh(&self, client_id: &str, refresh_token: &str) -> Reply {
         self.token(
             &self.auth(client_id),
-            &[("grant_type", "refresh_token"), ("refresh_token", refresh_token)],
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+            ],
         )
         .await
     }
@@ -663,7 +678,10 @@ impl Auth {
                     "client_assertion_type".into(),
                     "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
                 ));
-                form.push(("client_assertion".into(), app.client_assertion(&random_id())));
+                form.push((
+                    "client_assertion".into(),
+                    app.client_assertion(&random_id()),
+                ));
             }
             Auth::Assertion(id, assertion) => {
                 form.push(("client_id".into(), id.clone()));
@@ -723,8 +741,7 @@ impl Reply {
     }
 
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -733,7 +750,10 @@ impl Reply {
 
     /// The `error` member of an RFC 6749 JSON error.
     pub fn error(&self) -> String {
-        self.json()["error"].as_str().unwrap_or_default().to_string()
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// The redirect target parsed as a URL.
@@ -926,7 +946,9 @@ impl Authz {
 
     /// Without PKCE (no challenge sent, no verifier kept).
     pub fn without_pkce(self) -> Authz {
-        let mut authz = self.remove("code_challenge").remove("code_challenge_method");
+        let mut authz = self
+            .remove("code_challenge")
+            .remove("code_challenge_method");
         authz.verifier = None;
         authz
     }
@@ -1082,7 +1104,9 @@ impl Browser {
         let mut fields: Vec<(String, String)> = form
             .inputs
             .iter()
-            .filter(|(name, _)| !matches!(name.as_str(), "username" | "password" | "second_password"))
+            .filter(|(name, _)| {
+                !matches!(name.as_str(), "username" | "password" | "second_password")
+            })
             .cloned()
             .collect();
         fields.push(("username".into(), username.into()));
@@ -1097,7 +1121,10 @@ impl Browser {
 
     /// Fills in and submits the step-up form on `page`.
     pub async fn submit_step_up(&self, page: &Reply, second_password: &str) -> Reply {
-        assert!(page.is_step_up_page(), "expected the step-up page: {page:?}");
+        assert!(
+            page.is_step_up_page(),
+            "expected the step-up page: {page:?}"
+        );
         let form = html::forms(&page.body)
             .into_iter()
             .find(|f| f.action == "/login/step-up")
@@ -1282,7 +1309,9 @@ pub async fn bare_store(backend: Backend) -> (DynStore, StoreGuard) {
         }
         Backend::Postgres => {
             let db = PgDatabase::create().await;
-            let store = nidan::store::connect(&db.url).await.expect("postgres store");
+            let store = nidan::store::connect(&db.url)
+                .await
+                .expect("postgres store");
             (store, StoreGuard::Pg(db))
         }
     }

@@ -41,10 +41,12 @@ impl TestApp {
     /// The relying party `client_id`, configured from discovery.
     pub async fn rp(&self, client_id: &str) -> Rp {
         let http = no_redirect_client();
-        let metadata =
-            CoreProviderMetadata::discover_async(IssuerUrl::new(self.issuer.clone()).unwrap(), &http)
-                .await
-                .expect("discovery as openidconnect reads it");
+        let metadata = CoreProviderMetadata::discover_async(
+            IssuerUrl::new(self.issuer.clone()).unwrap(),
+            &http,
+        )
+        .await
+        .expect("discovery as openidconnect reads it");
         let secret = self
             .clients
             .iter()
