@@ -56,6 +56,7 @@ pub struct Inner {
     pub shutting_down: AtomicBool,
     /// Wakes this replica's outbox worker when a job is queued.
     pub outbox_wakeup: tokio::sync::Notify,
+    pub audit: crate::audit::AuditLog,
 }
 
 #[derive(Clone)]
@@ -174,6 +175,23 @@ impl AppState {
             .unwrap_or_default()
     }
 
+    /// Records a security event; a failure is logged and does not fail the request.
+    pub async fn audit(&self, event: crate::audit::Event<'_>) {
+        let kind = event.kind.to_string();
+        if let Err(e) = self
+            .audit
+            .record(&self.store, self.clock.now(), event)
+            .await
+        {
+            tracing::error!(error = %e, kind = %kind, "cannot write the audit trail");
+        }
+    }
+
+    /// Whether `/metrics` is served on the public listener (loopback issuer, no metrics_listen).
+    pub fn public_metrics(&self) -> bool {
+        self.config.metrics_listen.is_empty() && self.config.issuer_is_loopback()
+    }
+
     pub fn replica_ready(&self) -> bool {
         !self.shutting_down.load(Ordering::Relaxed)
     }
@@ -266,6 +284,9 @@ pub fn router(state: AppState) -> Router {
         .route("/static/nidan.css", get(stylesheet))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
+    if state.public_metrics() {
+        app = app.route("/metrics", get(crate::metrics::render));
+    }
     if state.demo.is_some() {
         app = app
             .route("/dev/mail", get(crate::enroll::account::dev_mail))
@@ -273,7 +294,8 @@ pub fn router(state: AppState) -> Router {
             .route("/demo/start", get(crate::demo::demo_start))
             .route("/demo/callback", get(crate::demo::demo_callback));
     }
-    app.fallback(not_found)
+    app.route_layer(middleware::from_fn(crate::metrics::track_requests))
+        .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             render_page_errors,
@@ -505,6 +527,7 @@ pub async fn sync_config_clients(
 
 pub async fn build_state(config: Config, runtime: Runtime) -> anyhow::Result<AppState> {
     let clock = runtime.clock;
+    crate::metrics::handle();
     let kek = load_kek(&config)?;
     let secrets = derive_secrets(&kek);
     let store = crate::store::connect(&config.database_url)
@@ -559,6 +582,7 @@ pub async fn build_state(config: Config, runtime: Runtime) -> anyhow::Result<App
         demo,
         shutting_down: AtomicBool::new(false),
         outbox_wakeup: tokio::sync::Notify::new(),
+        audit: crate::audit::AuditLog::new(),
     })))
 }
 
@@ -588,6 +612,35 @@ fn spawn_key_refresh(state: AppState) {
     });
 }
 
+/// Every 5 minutes one replica (holding the lease) removes what has expired.
+fn spawn_cleanup(state: AppState) {
+    let owner = crate::clock::random_id();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(300));
+        loop {
+            tick.tick().await;
+            if let Err(e) = cleanup_once(&state, &owner).await {
+                tracing::warn!(error = %e, "clean-up failed");
+            }
+        }
+    });
+}
+
+pub async fn cleanup_once(state: &AppState, owner: &str) -> anyhow::Result<Option<u64>> {
+    let now = state.clock.now();
+    if !state
+        .store
+        .try_lease("cleanup", owner, now + 600, now)
+        .await?
+    {
+        return Ok(None);
+    }
+    let retention = state.config.audit_retention.as_secs() as i64;
+    let report = state.store.cleanup(now, now - retention).await?;
+    tracing::debug!(rows = report.rows, "clean-up done");
+    Ok(Some(report.rows))
+}
+
 pub struct RunningServer {
     pub addr: SocketAddr,
     pub state: AppState,
@@ -615,6 +668,18 @@ pub async fn spawn(
     let state = build_state(config, runtime).await?;
     let addr = listener.local_addr()?;
     spawn_key_refresh(state.clone());
+    spawn_cleanup(state.clone());
+    if !state.config.metrics_listen.is_empty() {
+        let metrics_listener = tokio::net::TcpListener::bind(&state.config.metrics_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", state.config.metrics_listen))?;
+        let metrics_app = Router::new()
+            .route("/metrics", get(crate::metrics::render))
+            .with_state(state.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(metrics_listener, metrics_app).await;
+        });
+    }
     let transport = crate::mail::transport::Transport::from_config(&state.config.mail)?;
     crate::mail::worker::spawn(state.clone(), transport);
     let app = router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();

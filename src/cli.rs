@@ -45,6 +45,37 @@ pub enum Command {
     /// Look at and help students.
     #[command(subcommand)]
     User(UserCommand),
+    /// The mail and back-channel logout queue.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+    /// The audit trail of security events.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Queued, sent and failed deliveries with their SMTP reply and Message-ID (never bodies).
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Queue a failed delivery again (all failed ones without ID).
+    Retry { id: Option<String> },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The newest events, optionally of one student.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// University user ID.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Check every replica's hash chain.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +84,14 @@ pub enum UserCommand {
     Show { username: String },
     /// Lift every login lock and delay of a student.
     Unlock { username: String },
+    /// Block the second-password level of a student (e.g. a reported compromise) for a duration.
+    Lock {
+        username: String,
+        #[arg(long, default_value = "24h")]
+        duration: String,
+    },
+    /// Forget a student's email and second password: the next login runs enrollment again.
+    ResetEnrollment { username: String },
     /// Import students (JSON Lines: username, email, second_password or second_password_hash);
     /// FILE is a path or - for standard input.
     Import {
@@ -190,6 +229,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::Client(command) => client_command(config, command).await,
                 Command::Keys(command) => keys_command(config, command).await,
                 Command::User(command) => user_command(config, command).await,
+                Command::Outbox(command) => outbox_command(config, command).await,
+                Command::Audit(command) => audit_command(config, command).await,
                 Command::HashPassword | Command::CheckConfig => unreachable!(),
             }
         }
@@ -250,6 +291,13 @@ async fn client_command(config: Config, command: ClientCommand) -> anyhow::Resul
             store
                 .put_client(&client_row(&settings, digest.clone(), "cli", now)?)
                 .await?;
+            cli_audit(
+                &store,
+                "client_added",
+                None,
+                &format!("client {}", settings.client_id),
+            )
+            .await?;
             println!("client {} registered", settings.client_id);
             if let (Some(secret), Some(digest)) = (secret, digest) {
                 println!("client_secret: {secret}");
@@ -300,6 +348,13 @@ async fn client_command(config: Config, command: ClientCommand) -> anyhow::Resul
                 bail!("client {client_id} comes from the configuration file; remove it there");
             }
             store.delete_client(&client_id).await?;
+            cli_audit(
+                &store,
+                "client_removed",
+                None,
+                &format!("client {client_id}"),
+            )
+            .await?;
             println!("client {client_id} removed");
             Ok(())
         }
@@ -357,6 +412,17 @@ async fn keys_command(config: Config, command: KeysCommand) -> anyhow::Result<()
             let lifetimes = &config.lifetimes;
             let longest = lifetimes.id_token.max(lifetimes.access_token).as_secs() as i64 + 300;
             let key = crate::keys::rotate(&store, &kek, &alg, now, delay, longest).await?;
+            cli_audit(
+                &store,
+                "key_rotated",
+                None,
+                &format!(
+                    "{alg} key {} signs from {}",
+                    key.kid,
+                    format_time(key.active_from)
+                ),
+            )
+            .await?;
             println!(
                 "new {alg} key {} published now; it signs from {}",
                 key.kid,
@@ -448,6 +514,52 @@ async fn user_command(config: Config, command: UserCommand) -> anyhow::Result<()
             }
             Ok(())
         }
+        UserCommand::Lock { username, duration } => {
+            let username = crate::auth::normalize_username(&username);
+            let seconds = parse_duration(&duration)
+                .map_err(anyhow::Error::msg)?
+                .as_secs() as i64;
+            let accounts = store.find_accounts_by_username(&username).await?;
+            if accounts.is_empty() {
+                bail!("no account for {username}");
+            }
+            for account in &accounts {
+                let key = format!("second:{}", account.id);
+                store.throttle_reserve(&key, i64::MAX, 1, now).await?;
+                store.throttle_lock(&key, now + seconds, now).await?;
+                cli_audit(
+                    &store,
+                    "lock",
+                    Some(&account.id),
+                    &format!("second-password level locked for {duration} by an operator"),
+                )
+                .await?;
+            }
+            println!(
+                "{username}: second-password level locked until {}",
+                format_time(now + seconds)
+            );
+            Ok(())
+        }
+        UserCommand::ResetEnrollment { username } => {
+            let username = crate::auth::normalize_username(&username);
+            let accounts = store.find_accounts_by_username(&username).await?;
+            if accounts.is_empty() {
+                bail!("no account for {username}");
+            }
+            for account in &accounts {
+                store.reset_enrollment(&account.id, now).await?;
+                cli_audit(
+                    &store,
+                    "enrollment_reset",
+                    Some(&account.id),
+                    "by an operator",
+                )
+                .await?;
+            }
+            println!("{username}: enrollment reset; the next login asks for the email address and a new second password");
+            Ok(())
+        }
         UserCommand::Unlock { username } => {
             let username = crate::auth::normalize_username(&username);
             let accounts = store.find_accounts_by_username(&username).await?;
@@ -456,8 +568,117 @@ async fn user_command(config: Config, command: UserCommand) -> anyhow::Result<()
                 removed +=
                     crate::auth::throttle::unlock(&store, &username, Some(&account.id)).await?;
             }
+            for account in &accounts {
+                cli_audit(&store, "unlock", Some(&account.id), "by an operator").await?;
+            }
             println!("{username}: {removed} lock counters cleared");
             Ok(())
+        }
+    }
+}
+
+/// Operator actions join the audit trail as a replica of their own.
+async fn cli_audit(
+    store: &crate::store::DynStore,
+    kind: &str,
+    account_id: Option<&str>,
+    details: &str,
+) -> anyhow::Result<()> {
+    let log = crate::audit::AuditLog::new();
+    let event = crate::audit::Event {
+        kind,
+        account_id,
+        outcome: "done",
+        details: format!("nidan CLI: {details}"),
+        ..Default::default()
+    };
+    log.record(store, SystemClock.now(), event).await?;
+    Ok(())
+}
+
+async fn outbox_command(config: Config, command: OutboxCommand) -> anyhow::Result<()> {
+    let store = crate::store::connect(&config.database_url).await?;
+    match command {
+        OutboxCommand::List { limit } => {
+            let jobs = store.list_jobs(limit).await?;
+            if jobs.is_empty() {
+                println!("the outbox is empty");
+            }
+            println!("id\tkind\trecipient\tstate\tattempts\tcreated\tmessage-id\tlast reply");
+            for job in jobs {
+                let state = match (job.sent_at, job.failed_at) {
+                    (Some(t), _) => format!("sent {}", format_time(t)),
+                    (None, Some(t)) => format!("failed {}", format_time(t)),
+                    _ => format!("waiting (next try {})", format_time(job.next_attempt_at)),
+                };
+                println!(
+                    "{}\t{}\t{}\t{state}\t{}\t{}\t{}\t{}",
+                    job.id,
+                    job.kind,
+                    job.recipient,
+                    job.attempts,
+                    format_time(job.created_at),
+                    job.message_id,
+                    job.last_error.unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        OutboxCommand::Retry { id } => {
+            let n = store.retry_jobs(id.as_deref(), SystemClock.now()).await?;
+            println!("{n} deliveries queued again");
+            Ok(())
+        }
+    }
+}
+
+async fn audit_command(config: Config, command: AuditCommand) -> anyhow::Result<()> {
+    let store = crate::store::connect(&config.database_url).await?;
+    match command {
+        AuditCommand::List { limit, user } => {
+            let account_id = match user {
+                Some(user) => {
+                    let accounts = store
+                        .find_accounts_by_username(&crate::auth::normalize_username(&user))
+                        .await?;
+                    Some(
+                        accounts
+                            .first()
+                            .map(|a| a.id.clone())
+                            .with_context(|| format!("no account for {user}"))?,
+                    )
+                }
+                None => None,
+            };
+            for e in store.list_audit(account_id.as_deref(), limit).await? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                    format_time(e.at),
+                    e.kind,
+                    e.outcome,
+                    e.account_id.unwrap_or_else(|| "-".into()),
+                    e.client_id.unwrap_or_else(|| "-".into()),
+                    e.address.unwrap_or_else(|| "-".into()),
+                    e.details
+                );
+            }
+            Ok(())
+        }
+        AuditCommand::Verify => {
+            let events = store.audit_chain().await?;
+            let problems = crate::audit::verify(&events);
+            if problems.is_empty() {
+                println!("audit trail intact: {} records", events.len());
+                Ok(())
+            } else {
+                for p in &problems {
+                    eprintln!("{p}");
+                }
+                bail!(
+                    "the audit trail was tampered with ({} problems)",
+                    problems.len()
+                )
+            }
         }
     }
 }

@@ -686,3 +686,179 @@ async fn sso_false_clients_always_get_a_fresh_login() {
         "a shared terminal never reuses a session: {page:?}"
     );
 }
+
+#[tokio::test]
+async fn unenrolled_student_completes_no_authorization() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    let authz = Authz::new("rp-basic");
+    let reply = browser
+        .sign_in(&authz.url(&app.issuer), &HANAKO, Level::Password)
+        .await;
+    assert!(
+        !reply
+            .location
+            .as_deref()
+            .is_some_and(|l| l.starts_with(REDIRECT_URI)),
+        "enrollment comes before any authorization: {reply:?}"
+    );
+    assert!(reply.is_redirect_to("/enroll/email"), "{reply:?}");
+    // Coming back through the client does not skip it either.
+    let again = browser.get(&Authz::new("rp-basic").url(&app.issuer)).await;
+    assert!(
+        !again
+            .location
+            .as_deref()
+            .is_some_and(|l| l.starts_with(REDIRECT_URI)),
+        "{again:?}"
+    );
+}
+
+#[tokio::test]
+async fn state_round_trips_exactly() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    let state = "a b&c=d/é?#+%20";
+    let authz = Authz::new("rp-basic").set("state", state);
+    let reply = browser
+        .sign_in(&authz.url(&app.issuer), &TARO, Level::Password)
+        .await;
+    assert_eq!(reply.callback()["state"], state);
+    let authz = Authz::new("rp-basic")
+        .set("state", state)
+        .set("prompt", "none");
+    let reply = browser.get(&authz.url(&app.issuer)).await;
+    assert_eq!(reply.callback()["state"], state);
+    let authz = Authz::new("rp-basic")
+        .set("state", state)
+        .set("response_type", "token");
+    let reply = browser.get(&authz.url(&app.issuer)).await;
+    assert_eq!(reply.callback()["state"], state);
+}
+
+#[tokio::test]
+async fn redirect_uri_with_a_query_keeps_it() {
+    let registered = "http://127.0.0.1:9999/cb?tenant=x%20y&lang=ja";
+    let app = TestApp::builder(Backend::Sqlite)
+        .client(TestClient {
+            client_id: "rp-query",
+            secret: Some("query-secret-0123456789abcdef"),
+            settings: json!({
+                "client_id": "rp-query",
+                "redirect_uris": [registered],
+                "token_endpoint_auth_method": "client_secret_basic",
+                "scopes": ["openid", "profile", "email", "student"],
+            }),
+        })
+        .build()
+        .await;
+    let authz = Authz::new("rp-query").set("redirect_uri", registered);
+    let reply = app
+        .browser()
+        .sign_in(&authz.url(&app.issuer), &TARO, Level::Password)
+        .await;
+    let params = reply.callback();
+    assert_eq!(params["tenant"], "x y", "{reply:?}");
+    assert_eq!(params["lang"], "ja");
+    assert_eq!(params["iss"], app.issuer);
+    app.exchange(&authz, &params["code"]).await;
+    // Without the query it is another URI.
+    let other = Authz::new("rp-query").set("redirect_uri", REDIRECT_URI);
+    let reply = app.browser().get(&other.url(&app.issuer)).await;
+    assert!(reply.is_error_page(StatusCode::BAD_REQUEST), "{reply:?}");
+}
+
+#[tokio::test]
+async fn prompt_none_never_shows_the_step_up_page() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    app.tokens_with(&browser, Authz::new("rp-basic"), &TARO, Level::Password)
+        .await;
+    let authz = Authz::new("rp-step").set("prompt", "none");
+    let reply = browser.get(&authz.url(&app.issuer)).await;
+    let params = reply.callback();
+    let error = params.get("error").map(String::as_str);
+    assert!(
+        matches!(error, Some("login_required" | "interaction_required")),
+        "{params:?}"
+    );
+    assert_eq!(params["iss"], app.issuer);
+}
+
+#[tokio::test]
+async fn a_login_form_submitted_twice_issues_one_code() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    let authz = Authz::new("rp-basic");
+    let page = browser.open(&authz.url(&app.issuer)).await;
+    let first = browser
+        .submit_login(&page, TARO.username, TARO.password, "")
+        .await;
+    first.code();
+    let second = browser
+        .submit_login(&page, TARO.username, TARO.password, "")
+        .await;
+    assert!(!second.status.is_server_error(), "{second:?}");
+    assert!(
+        !second
+            .location
+            .as_deref()
+            .is_some_and(|l| l.contains("code=")),
+        "a finished request gives no second code: {second:?}"
+    );
+}
+
+#[tokio::test]
+async fn id_token_lifetime_and_refresh_at_hash() {
+    let app = TestApp::sqlite().await;
+    let tokens = app.tokens_for("rp-basic", &TARO, Level::Password).await;
+    let claims = tokens.id_claims();
+    let (iat, exp) = (
+        claims["iat"].as_i64().unwrap(),
+        claims["exp"].as_i64().unwrap(),
+    );
+    assert_eq!(iat, app.now());
+    assert_eq!(exp - iat, 600, "lifetimes.id_token defaults to 10 minutes");
+    assert_eq!(tokens.body["expires_in"], 600);
+    let refreshed = Tokens::from(app.refresh("rp-basic", tokens.refresh()).await.json());
+    let at_hash = {
+        use base64::Engine;
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(refreshed.access_token.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16])
+    };
+    assert_eq!(refreshed.id_claims()["at_hash"], at_hash);
+}
+
+#[tokio::test]
+async fn reflected_values_are_escaped() {
+    let app = TestApp::sqlite().await;
+    let payload = "\"><script>alert(1)</script>";
+    let authz = Authz::new("rp-basic").set("login_hint", payload);
+    let page = app.browser().open(&authz.url(&app.issuer)).await;
+    assert!(page.is_login_page(), "{page:?}");
+    assert!(!page.body.contains("<script>alert(1)"), "{page:?}");
+    let form = html::forms(&page.body)
+        .into_iter()
+        .find(|f| f.action == "/login")
+        .unwrap();
+    assert_eq!(
+        form.value("username"),
+        Some(payload),
+        "escaped, not dropped"
+    );
+
+    let bad = Authz::new("rp-basic")
+        .add("<script>x</script>", "1")
+        .add("<script>x</script>", "2");
+    let reply = app.browser().get(&bad.url(&app.issuer)).await;
+    assert!(!reply.body.contains("<script>x"), "{reply:?}");
+    let failed = {
+        let browser = app.browser();
+        let page = browser.open(&Authz::new("rp-basic").url(&app.issuer)).await;
+        browser
+            .submit_login(&page, payload, "wrong-password", "")
+            .await
+    };
+    assert!(!failed.body.contains("<script>alert(1)"), "{failed:?}");
+}

@@ -503,3 +503,46 @@ async fn id_token_hint_for_another_client_than_client_id_is_refused() {
     let reply = browser.get(&url).await;
     assert!(reply.is_error_page(StatusCode::BAD_REQUEST), "{reply:?}");
 }
+
+#[tokio::test]
+async fn logout_by_post_with_a_hint() {
+    let app = TestApp::sqlite().await;
+    let (browser, tokens) = signed_in(&app).await;
+    let reply = browser
+        .post(
+            &app.url("/logout"),
+            &[
+                ("id_token_hint", tokens.id()),
+                ("post_logout_redirect_uri", POST_LOGOUT_URI),
+                ("state", "posted"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{reply:?}");
+    assert!(reply
+        .location_url()
+        .query_pairs()
+        .any(|(k, v)| k == "state" && v == "posted"));
+    assert_signed_out(&app, &browser).await;
+}
+
+#[tokio::test]
+async fn logout_pages_follow_ui_locales() {
+    let app = TestApp::sqlite().await;
+    let (browser, _) = signed_in(&app).await;
+    let page = browser
+        .get(&logout_url(&app, &[("ui_locales", "en")]))
+        .await;
+    assert!(page.body.contains("<html lang=\"en\""), "{page:?}");
+    let form = html::forms(&page.body)
+        .into_iter()
+        .find(|f| f.action == "/logout")
+        .unwrap();
+    let fields: Vec<(&str, &str)> = form
+        .inputs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let done = browser.post("/logout", &fields).await;
+    assert!(done.body.contains("<html lang=\"en\""), "{done:?}");
+}

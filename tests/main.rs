@@ -9,5 +9,7 @@ mod flow;
 mod keys;
 mod ldap;
 mod logout;
+mod pages;
 mod store;
+mod throttle;
 mod tokens;

@@ -738,3 +738,54 @@ async fn userinfo_without_or_with_a_bad_token_is_401_bearer() {
         .header("www-authenticate")
         .is_some_and(|h| h.starts_with("Bearer")));
 }
+
+#[tokio::test]
+async fn userinfo_refuses_a_token_sent_twice() {
+    let app = TestApp::sqlite().await;
+    let tokens = app.tokens_for("rp-basic", &TARO, Level::Password).await;
+    let reply = app
+        .http
+        .post(app.url("/userinfo"))
+        .bearer_auth(&tokens.access_token)
+        .form(&[("access_token", tokens.access_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    let reply = Reply::from(reply, None).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "RFC 6750 §2: one method only: {reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn form_content_type_with_a_charset_is_a_form() {
+    let app = TestApp::sqlite().await;
+    let reply = app
+        .http
+        .post(app.url("/token"))
+        .basic_auth("rp-basic", Some(app.secret("rp-basic")))
+        .header(
+            "content-type",
+            "application/x-www-form-urlencoded; charset=UTF-8",
+        )
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .unwrap();
+    let reply = Reply::from(reply, None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+}
+
+#[tokio::test]
+async fn rotated_refresh_token_is_inactive_at_introspection() {
+    let app = TestApp::sqlite().await;
+    let tokens = app.tokens_for("rp-basic", &TARO, Level::Password).await;
+    let reply = app.refresh("rp-basic", tokens.refresh()).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let reply = app
+        .introspect_as(&app.auth("rp-basic"), tokens.refresh())
+        .await;
+    assert_eq!(reply.json()["active"], false);
+}

@@ -15,11 +15,13 @@ use super::normalize_username;
 use super::session::{self, set_cookie, SESSION_COOKIE};
 use super::throttle;
 use crate::app::{see_other, AppState};
+use crate::audit::Event;
 use crate::clock::{random_bytes, random_id, random_token};
 use crate::crypto::{b64url, token_digest};
 use crate::directory::DirectoryError;
 use crate::enroll::Enrollment;
 use crate::error::PageError;
+use crate::metrics;
 use crate::oidc::authorize::{issue_code, load_transaction, AuthRequest};
 use crate::oidc::params::{is_form, Params};
 use crate::store::{Account, BrowserSession, LoginTransaction};
@@ -139,22 +141,61 @@ pub async fn login_submit(
     }
     let ip = state.client_ip(&headers, peer);
     // Throttling comes before the directory; a refusal looks and takes like a wrong password.
+    let audit = |outcome: &'static str, account_id: Option<String>, details: String| {
+        let state = state.clone();
+        async move {
+            let event = Event {
+                kind: "login",
+                account_id: account_id.as_deref(),
+                address: Some(ip.to_string()),
+                outcome,
+                details,
+                ..Event::default()
+            };
+            state.audit(event).await;
+        }
+    };
     let Some(reservation) = throttle::reserve_university(&state, &username, ip).await? else {
         state.hasher.verify(None, password).await;
+        metrics::login("throttled", "none");
+        audit("refused: throttled", None, format!("user ID {username}")).await;
         return fail("login_failed");
     };
-    let user = match state.directory.authenticate(&username, password).await {
+    let started = std::time::Instant::now();
+    let answer = state.directory.authenticate(&username, password).await;
+    let outcome = match &answer {
+        Ok(_) => "ok",
+        Err(DirectoryError::Unavailable(_)) => "unavailable",
+        Err(_) => "refused",
+    };
+    metrics::directory(outcome, started.elapsed().as_secs_f64());
+    let user = match answer {
         Ok(user) => user,
         Err(DirectoryError::InvalidCredentials | DirectoryError::Disabled) => {
             reservation.failed(&state).await?;
+            metrics::login("wrong_password", "none");
+            audit(
+                "failed: university password",
+                None,
+                format!("user ID {username}"),
+            )
+            .await;
             return fail("login_failed");
         }
         Err(DirectoryError::PasswordExpired) => {
             reservation.succeeded(&state).await?;
+            metrics::login("password_expired", "none");
+            audit(
+                "refused: university password expired",
+                None,
+                format!("user ID {username}"),
+            )
+            .await;
             return fail("password_expired");
         }
         Err(DirectoryError::Unavailable(why)) => {
             reservation.succeeded(&state).await?;
+            metrics::login("directory_unavailable", "none");
             tracing::warn!(reason = %why, "directory unavailable at login");
             return Err(PageError::unavailable().in_locale(locale));
         }
@@ -177,6 +218,13 @@ pub async fn login_submit(
             let Some(second) = throttle::reserve_second_password(&state, &account.id).await? else {
                 // The university password was right, so the lock may be told, with the help desk.
                 reservation.succeeded(&state).await?;
+                metrics::login("locked", "none");
+                audit(
+                    "refused: second password locked",
+                    Some(account.id.clone()),
+                    String::new(),
+                )
+                .await;
                 return locked_page(
                     &state,
                     &headers,
@@ -190,7 +238,22 @@ pub async fn login_submit(
             };
             if !state.hasher.verify(Some(hash), second_password).await {
                 reservation.succeeded(&state).await?;
-                second.failed(&state).await?;
+                let locked = second.failed(&state).await?;
+                metrics::login("wrong_second_password", "none");
+                audit(
+                    "failed: second password",
+                    Some(account.id.clone()),
+                    String::new(),
+                )
+                .await;
+                if locked {
+                    audit(
+                        "lockout: second password",
+                        Some(account.id.clone()),
+                        String::new(),
+                    )
+                    .await;
+                }
                 return fail("login_failed");
             }
             second.succeeded_fully(&state).await?;
@@ -214,6 +277,18 @@ pub async fn login_submit(
     session.university_password_hash = Some(state.hasher.hash_short_lived(password).await);
     session.university_password_hash_until = Some(state.clock.now() + UNIVERSITY_HASH_LIFETIME);
     state.store.update_session(&session).await?;
+    let level = if second_checked {
+        "second-password"
+    } else {
+        "password"
+    };
+    metrics::login("success", level);
+    audit(
+        "success",
+        Some(account.id.clone()),
+        format!("level {level}"),
+    )
+    .await;
     let mut response = continue_after_login(&state, pending, &session, &account).await?;
     response.headers_mut().append(
         header::SET_COOKIE,
@@ -353,7 +428,20 @@ pub async fn step_up_submit(
         .verify(account.second_password_hash.as_deref(), second_password)
         .await
     {
-        reservation.failed(&state).await?;
+        let locked = reservation.failed(&state).await?;
+        metrics::step_up("failure");
+        state
+            .audit(Event {
+                kind: "step_up",
+                account_id: Some(&account.id),
+                outcome: if locked {
+                    "failed; second password locked"
+                } else {
+                    "failed"
+                },
+                ..Event::default()
+            })
+            .await;
         return step_up_form(
             &state,
             &headers,
@@ -365,6 +453,15 @@ pub async fn step_up_submit(
         );
     }
     reservation.succeeded_fully(&state).await?;
+    metrics::step_up("success");
+    state
+        .audit(Event {
+            kind: "step_up",
+            account_id: Some(&account.id),
+            outcome: "success",
+            ..Event::default()
+        })
+        .await;
     let now = state.clock.now();
     let cookie = random_token();
     session.cookie_digest = token_digest(&cookie);

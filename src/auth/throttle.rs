@@ -171,6 +171,12 @@ impl Reservation {
                 let until = now + lock_length(state, key.kind, counter.lock_count);
                 state.store.throttle_lock(&key.key, until, now).await?;
                 tracing::warn!(kind = ?key.kind, "throttle lock");
+                crate::metrics::lockout(match key.kind {
+                    Kind::AccountAddress => "account_address",
+                    Kind::Account => "account_delay",
+                    Kind::Address => "address",
+                    Kind::SecondPassword => "second_password",
+                });
                 second_locked |= key.kind == Kind::SecondPassword;
             }
         }

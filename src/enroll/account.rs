@@ -211,7 +211,14 @@ pub async fn second_password_submit(
         .await?;
     forget_university_hash(&state, &session).await?;
     notify_second_password_changed(&state, &account, locale, now).await?;
-    tracing::info!(account = %account.id, "second password changed");
+    state
+        .audit(crate::audit::Event {
+            kind: "second_password_change",
+            account_id: Some(&account.id),
+            outcome: "changed",
+            ..Default::default()
+        })
+        .await;
     state.page(
         locale,
         "second_password_changed.html",
@@ -360,8 +367,8 @@ pub async fn reset_submit(
         .get_account(&link.account_id)
         .await?
         .ok_or_else(PageError::not_found)?;
-    let user = match state.directory.authenticate(&username, password).await {
-        Ok(user) if user.id == account.directory_id => user,
+    match state.directory.authenticate(&username, password).await {
+        Ok(user) if user.id == account.directory_id => {}
         Ok(_)
         | Err(
             DirectoryError::InvalidCredentials
@@ -403,7 +410,14 @@ pub async fn reset_submit(
         .await?;
     throttle::reset_second_password(state, &account.id).await?;
     notify_second_password_changed(state, &account, locale, now).await?;
-    tracing::info!(account = %account.id, username = %user.username, "second password reset");
+    state
+        .audit(crate::audit::Event {
+            kind: "second_password_reset",
+            account_id: Some(&account.id),
+            outcome: "reset by email link",
+            ..Default::default()
+        })
+        .await;
     state.page(locale, "reset_done.html", context! {}, browser, headers)
 }
 

@@ -96,7 +96,14 @@ pub async fn submit(
         subject_key: "mail_subject_verify_email",
     };
     links::create(&state, &account, mail, locale, tx).await?;
-    tracing::info!(account = %account.id, "email registration link sent");
+    state
+        .audit(crate::audit::Event {
+            kind: "enrollment",
+            account_id: Some(&account.id),
+            outcome: "email link sent",
+            ..Default::default()
+        })
+        .await;
     sent_page(&state, &headers, &browser, locale, "verify_email")
 }
 

@@ -232,7 +232,14 @@ pub async fn link_submit(
             )
             .await?;
         }
-        tracing::info!(account = %account.id, "email changed");
+        state
+            .audit(crate::audit::Event {
+                kind: "email_change",
+                account_id: Some(&account.id),
+                outcome: "email changed",
+                ..Default::default()
+            })
+            .await;
         let next = if super::signed_in(&state, &headers).await?.is_some() {
             "/account".to_string()
         } else {
@@ -246,7 +253,14 @@ pub async fn link_submit(
             &headers,
         );
     }
-    tracing::info!(account = %account.id, "email registered");
+    state
+        .audit(crate::audit::Event {
+            kind: "enrollment",
+            account_id: Some(&account.id),
+            outcome: "email verified",
+            ..Default::default()
+        })
+        .await;
     state.page(
         locale,
         "email_registered.html",

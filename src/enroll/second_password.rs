@@ -140,7 +140,14 @@ pub async fn submit(
         .set_second_password(&account.id, &hash, state.clock.now())
         .await?;
     forget_university_hash(&state, &session).await?;
-    tracing::info!(account = %account.id, "second password set");
+    state
+        .audit(crate::audit::Event {
+            kind: "enrollment",
+            account_id: Some(&account.id),
+            outcome: "second password set",
+            ..Default::default()
+        })
+        .await;
     let ctx = context! { next_url => login_url(tx.as_deref()) };
     state.page(locale, "second_password_set.html", ctx, &browser, &headers)
 }

@@ -70,6 +70,14 @@ pub async fn run_once(
         other => Delivery::Permanent(format!("unknown job kind {other}")),
     };
     let now = state.clock.now();
+    crate::metrics::delivery(
+        &job.kind,
+        match outcome {
+            Delivery::Sent(_) => "sent",
+            Delivery::Retry(_) => "retry",
+            Delivery::Permanent(_) => "failed",
+        },
+    );
     match outcome {
         Delivery::Sent(reply) => state.store.job_sent(&job.id, owner, now, &reply).await?,
         Delivery::Permanent(error) => {

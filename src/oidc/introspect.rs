@@ -119,6 +119,14 @@ pub async fn revoke(
         if let Some(grant) = state.store.get_grant(&row.grant_id).await? {
             if grant.client_id == client.client_id {
                 state.store.revoke_grant(&grant.id, now).await?;
+                let event = crate::audit::Event {
+                    kind: "token_revoked",
+                    account_id: grant.account_id.as_deref(),
+                    client_id: Some(&client.client_id),
+                    outcome: "refresh token revoked by the client",
+                    ..Default::default()
+                };
+                state.audit(event).await;
             }
         }
     }

@@ -45,11 +45,21 @@ pub async fn token(
             "this client may not use this grant type",
         ));
     }
-    let body = match grant_type {
-        "authorization_code" => authorization_code(&state, &client, &params).await?,
-        "refresh_token" => refresh_token(&state, &client, &params).await?,
-        _ => client_credentials(&state, &client, &params).await?,
+    let (body, grant) = match grant_type {
+        "authorization_code" => (
+            authorization_code(&state, &client, &params).await?,
+            "authorization_code",
+        ),
+        "refresh_token" => (
+            refresh_token(&state, &client, &params).await?,
+            "refresh_token",
+        ),
+        _ => (
+            client_credentials(&state, &client, &params).await?,
+            "client_credentials",
+        ),
     };
+    crate::metrics::token_issued(grant);
     Ok(no_store(axum::Json(body).into_response()))
 }
 
@@ -75,6 +85,14 @@ async fn authorization_code(
             // A replayed code revokes what the first redemption issued (RFC 6749 §4.1.2).
             if let Some(grant_id) = &code.grant_id {
                 state.store.revoke_grant(grant_id, now).await?;
+                let event = crate::audit::Event {
+                    kind: "grant_revoked",
+                    account_id: Some(&code.account_id),
+                    client_id: Some(&code.client_id),
+                    outcome: "authorization code replayed",
+                    ..Default::default()
+                };
+                state.audit(event).await;
             }
             return Err(OAuthError::invalid_grant("the code was already used"));
         }
@@ -172,6 +190,14 @@ async fn refresh_token(
         Redeemed::AlreadyUsed(token) => {
             // Reuse of a rotated token: someone has a copy, so the whole grant goes.
             state.store.revoke_grant(&token.grant_id, now).await?;
+            let event = crate::audit::Event {
+                kind: "grant_revoked",
+                client_id: Some(&client.client_id),
+                outcome: "refresh token replayed",
+                details: format!("grant {}", token.grant_id),
+                ..Default::default()
+            };
+            state.audit(event).await;
             return Err(OAuthError::invalid_grant(
                 "the refresh token was already used",
             ));

@@ -210,6 +210,28 @@ pub struct OneTimeLink {
     pub superseded_at: Option<Timestamp>,
 }
 
+#[derive(Debug, Clone, FromRow)]
+pub struct AuditEvent {
+    pub id: String,
+    pub replica: String,
+    pub seq: i64,
+    pub at: Timestamp,
+    pub kind: String,
+    pub account_id: Option<String>,
+    pub client_id: Option<String>,
+    pub address: Option<String>,
+    pub outcome: String,
+    pub details: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// How many rows the clean-up removed, by kind.
+#[derive(Debug, Default, Clone)]
+pub struct CleanupReport {
+    pub rows: u64,
+}
+
 /// The outcome of redeeming a single-use value with one atomic statement.
 #[derive(Debug)]
 pub enum Redeemed<T> {
@@ -252,6 +274,8 @@ pub trait Store: Send + Sync + 'static {
         hash: &str,
         now: Timestamp,
     ) -> StoreResult<()>;
+    /// Forgets the email and second password: the next login runs enrollment again.
+    async fn reset_enrollment(&self, account_id: &str, now: Timestamp) -> StoreResult<()>;
 
     // Clients registered in the store (the configuration file's are synchronised at start).
     async fn put_client(&self, client: &ClientRow) -> StoreResult<()>;
@@ -379,6 +403,28 @@ pub trait Store: Send + Sync + 'static {
     async fn find_link(&self, digest: &str) -> StoreResult<Option<OneTimeLink>>;
     /// Consumes a live link with one statement; None when expired, used, superseded or unknown.
     async fn consume_link(&self, digest: &str, now: Timestamp) -> StoreResult<Option<OneTimeLink>>;
+
+    // Audit trail and leases.
+    async fn insert_audit(&self, event: &AuditEvent) -> StoreResult<()>;
+    /// Newest first, optionally for one account.
+    async fn list_audit(
+        &self,
+        account_id: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<AuditEvent>>;
+    /// Every event in chain order (replica, seq), for verification.
+    async fn audit_chain(&self) -> StoreResult<Vec<AuditEvent>>;
+    /// Takes or renews the named lease; false while another owner holds it.
+    async fn try_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> StoreResult<bool>;
+    /// Removes expired codes, tokens, links, sessions, counters, delivered mail and old audit events.
+    async fn cleanup(&self, now: Timestamp, audit_before: Timestamp) -> StoreResult<CleanupReport>;
+    async fn account_counts(&self) -> StoreResult<(i64, i64)>;
 
     /// Records a `private_key_jwt` assertion id; false when it was seen before.
     async fn record_assertion(&self, id: &str, expires_at: Timestamp) -> StoreResult<bool>;

@@ -110,6 +110,19 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            async fn reset_enrollment(&self, account_id: &str, now: Timestamp) -> StoreResult<()> {
+                sqlx::query(
+                    "UPDATE accounts SET previous_email = COALESCE(email, previous_email), email = NULL, \
+                     email_verified_at = NULL, email_changed_at = $2, second_password_hash = NULL, \
+                     second_password_set_at = NULL, updated_at = $2 WHERE id = $1",
+                )
+                .bind(account_id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
             async fn put_client(&self, c: &ClientRow) -> StoreResult<()> {
                 sqlx::query(
                     "INSERT INTO clients (client_id, settings, secret_digest, source, created_at, updated_at) \
@@ -734,6 +747,96 @@ macro_rules! sql_store {
                 .bind(now)
                 .fetch_optional(&self.pool)
                 .await?)
+            }
+
+            async fn insert_audit(&self, e: &AuditEvent) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO audit_events (id, replica, seq, at, kind, account_id, client_id, address, \
+                     outcome, details, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                )
+                .bind(&e.id)
+                .bind(&e.replica)
+                .bind(e.seq)
+                .bind(e.at)
+                .bind(&e.kind)
+                .bind(&e.account_id)
+                .bind(&e.client_id)
+                .bind(&e.address)
+                .bind(&e.outcome)
+                .bind(&e.details)
+                .bind(&e.prev_hash)
+                .bind(&e.hash)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn list_audit(&self, account_id: Option<&str>, limit: i64) -> StoreResult<Vec<AuditEvent>> {
+                Ok(sqlx::query_as(
+                    "SELECT * FROM audit_events WHERE ($1 = '' OR account_id = $1) ORDER BY at DESC, seq DESC LIMIT $2",
+                )
+                .bind(account_id.unwrap_or(""))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn audit_chain(&self) -> StoreResult<Vec<AuditEvent>> {
+                Ok(sqlx::query_as("SELECT * FROM audit_events ORDER BY replica, seq")
+                    .fetch_all(&self.pool)
+                    .await?)
+            }
+
+            async fn try_lease(&self, name: &str, owner: &str, until: Timestamp, now: Timestamp) -> StoreResult<bool> {
+                let done = sqlx::query(
+                    "INSERT INTO leases (name, owner, until) VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE \
+                     SET owner = excluded.owner, until = excluded.until \
+                     WHERE leases.owner = excluded.owner OR leases.until < $4",
+                )
+                .bind(name)
+                .bind(owner)
+                .bind(until)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn cleanup(&self, now: Timestamp, audit_before: Timestamp) -> StoreResult<CleanupReport> {
+                // Consumed codes and rotated refresh tokens stay until they expire, for reuse detection.
+                let day = 86_400;
+                let statements: [(&str, Timestamp); 11] = [
+                    ("DELETE FROM authorization_codes WHERE expires_at < $1", now - day),
+                    ("DELETE FROM login_transactions WHERE expires_at < $1", now),
+                    ("DELETE FROM access_tokens WHERE expires_at < $1", now),
+                    ("DELETE FROM refresh_tokens WHERE expires_at < $1", now),
+                    ("DELETE FROM grants WHERE expires_at < $1", now),
+                    ("DELETE FROM browser_sessions WHERE expires_at < $1 OR ended_at < $1", now - day),
+                    ("DELETE FROM one_time_links WHERE expires_at < $1", now - day),
+                    ("DELETE FROM throttle_counters WHERE (locked_until IS NULL OR locked_until < $1) AND window_start < $1 - 86400", now),
+                    ("DELETE FROM used_assertions WHERE expires_at < $1", now),
+                    ("DELETE FROM outbox WHERE (sent_at IS NOT NULL AND sent_at < $1) OR (failed_at IS NOT NULL AND failed_at < $1)", now - 30 * day),
+                    ("DELETE FROM audit_events WHERE at < $1", audit_before),
+                ];
+                let mut report = CleanupReport::default();
+                for (sql, cutoff) in statements {
+                    report.rows += sqlx::query(sql).bind(cutoff).execute(&self.pool).await?.rows_affected();
+                }
+                report.rows += sqlx::query("DELETE FROM signing_keys WHERE delete_after IS NOT NULL AND delete_after < $1")
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                Ok(report)
+            }
+
+            async fn account_counts(&self) -> StoreResult<(i64, i64)> {
+                let (all, enrolled): (i64, i64) = sqlx::query_as(
+                    "SELECT COUNT(*), COUNT(second_password_hash) FROM accounts",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                Ok((all, enrolled))
             }
 
             async fn record_assertion(&self, id: &str, expires_at: Timestamp) -> StoreResult<bool> {

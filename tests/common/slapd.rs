@@ -224,18 +224,7 @@ impl Slapd {
 
     /// Search-then-bind with the service account.
     pub fn search_config(&self) -> DirectoryConfig {
-        DirectoryConfig {
-            kind: "ldap".into(),
-            url: self.url.clone(),
-            bind_dn: SERVICE_DN.into(),
-            bind_password: Secret::new(SERVICE_PASSWORD),
-            base_dn: PEOPLE.into(),
-            user_filter: "(uid={username})".into(),
-            id_attribute: "entryUUID".into(),
-            timeout: Duration::from_secs(5),
-            claims: Self::claims(),
-            ..DirectoryConfig::default()
-        }
+        search_config(&self.url)
     }
 
     /// Binds straight to `uid={username},ou=people,…` and reads the entry as the student.
@@ -425,6 +414,22 @@ access to dn.subtree="{PEOPLE}" by self read by dn.exact="{SERVICE_DN}" read by 
 access to * by users read by * none
 "#
     )
+}
+
+/// Search-then-bind at `url` with the service account, mapping `Slapd::claims`.
+pub fn search_config(url: &str) -> DirectoryConfig {
+    DirectoryConfig {
+        kind: "ldap".into(),
+        url: url.to_string(),
+        bind_dn: SERVICE_DN.into(),
+        bind_password: Secret::new(SERVICE_PASSWORD),
+        base_dn: PEOPLE.into(),
+        user_filter: "(uid={username})".into(),
+        id_attribute: "entryUUID".into(),
+        timeout: Duration::from_secs(5),
+        claims: Slapd::claims(),
+        ..DirectoryConfig::default()
+    }
 }
 
 /// A loopback port nobody listens on (at the moment of asking).

@@ -1,0 +1,92 @@
+//! Prometheus metrics: requests by route and status with latency histograms, logins by outcome
+//! and level, step-ups, tokens by grant, directory latency and errors, argon2 queue depth,
+//! outbox depth and failures, lockouts.
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::app::AppState;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Suffix("duration_seconds".into()),
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            )
+            .expect("valid buckets")
+            .install_recorder()
+            .expect("one metrics recorder per process")
+    })
+}
+
+pub async fn track_requests(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().to_string();
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("nidan_http_requests_total", "route" => route.clone(), "method" => method, "status" => status).increment(1);
+    metrics::histogram!("nidan_http_request_duration_seconds", "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    response
+}
+
+pub fn login(outcome: &'static str, level: &'static str) {
+    metrics::counter!("nidan_logins_total", "outcome" => outcome, "level" => level).increment(1);
+}
+
+pub fn step_up(outcome: &'static str) {
+    metrics::counter!("nidan_step_ups_total", "outcome" => outcome).increment(1);
+}
+
+pub fn token_issued(grant: &'static str) {
+    metrics::counter!("nidan_tokens_issued_total", "grant" => grant).increment(1);
+}
+
+pub fn lockout(kind: &'static str) {
+    metrics::counter!("nidan_lockouts_total", "kind" => kind).increment(1);
+}
+
+pub fn directory(outcome: &'static str, seconds: f64) {
+    metrics::counter!("nidan_directory_requests_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("nidan_directory_duration_seconds").record(seconds);
+}
+
+pub fn delivery(kind: &str, outcome: &'static str) {
+    metrics::counter!("nidan_outbox_deliveries_total", "kind" => kind.to_string(), "outcome" => outcome).increment(1);
+}
+
+/// `/metrics`: gauges sampled at scrape time, then the recorder's text.
+pub async fn render(State(state): State<AppState>) -> Response {
+    metrics::gauge!("nidan_argon2_queue_depth").set(state.hasher.queue_depth() as f64);
+    if let Ok(depth) = state.store.pending_jobs().await {
+        metrics::gauge!("nidan_outbox_depth").set(depth as f64);
+    }
+    metrics::gauge!("nidan_store_up").set(if state.store.ping().await.is_ok() {
+        1.0
+    } else {
+        0.0
+    });
+    let directory_up = state.directory.check().await.is_ok();
+    metrics::gauge!("nidan_directory_up").set(if directory_up { 1.0 } else { 0.0 });
+    let mut response = handle().render().into_response();
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
