@@ -103,13 +103,11 @@ pub fn verify(events: &[AuditEvent]) -> Vec<String> {
             ));
         }
         match previous.filter(|p| p.replica == event.replica) {
-            Some(p) => {
-                if event.seq != p.seq + 1 || event.prev_hash != p.hash {
-                    problems.push(format!(
-                        "replica {}: records missing or reordered between #{} and #{}",
-                        event.replica, p.seq, event.seq
-                    ));
-                }
+            Some(p) if event.seq != p.seq + 1 || event.prev_hash != p.hash => {
+                problems.push(format!(
+                    "replica {}: records missing or reordered between #{} and #{}",
+                    event.replica, p.seq, event.seq
+                ));
             }
             None if event.seq == 1 && event.prev_hash != GENESIS => {
                 problems.push(format!(
@@ -117,7 +115,7 @@ pub fn verify(events: &[AuditEvent]) -> Vec<String> {
                     event.replica
                 ));
             }
-            None => {}
+            _ => {}
         }
         previous = Some(event);
     }

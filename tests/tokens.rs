@@ -789,3 +789,32 @@ async fn rotated_refresh_token_is_inactive_at_introspection() {
         .await;
     assert_eq!(reply.json()["active"], false);
 }
+
+on_both_backends!(concurrent_code_exchanges_give_one_token_set);
+
+async fn concurrent_code_exchanges_give_one_token_set(backend: Backend) {
+    let app = std::sync::Arc::new(TestApp::start(backend).await);
+    let authz = Authz::new("rp-basic");
+    let code = code_for(&app, &authz).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (app, authz, code) = (app.clone(), authz.clone(), code.clone());
+        tasks.spawn(async move { app.redeem(&authz, &code).await });
+    }
+    let mut winners = Vec::new();
+    while let Some(reply) = tasks.join_next().await {
+        let reply = reply.unwrap();
+        match reply.status {
+            StatusCode::OK => winners.push(Tokens::from(reply.json())),
+            _ => assert_eq!(reply.error(), "invalid_grant", "{reply:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one exchange succeeds");
+    // The other seven were replays of a used code: what the code issued is revoked.
+    let winner = &winners[0];
+    assert_eq!(
+        app.introspect(&winner.access_token).await["active"],
+        false,
+        "a replayed code revokes the tokens it issued, even when the replay raced the first exchange"
+    );
+}
