@@ -305,10 +305,23 @@ pub fn router(state: AppState) -> Router {
             security_headers,
         ))
         .layer(RequestBodyLimitLayer::new(64 * 1024))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// The span every log line of a request carries: request id, method and a path that never
+/// holds a secret (one-time link tokens are cut off, queries are left out).
+fn request_span(request: &Request) -> tracing::Span {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let path = request.uri().path();
+    let path = if path.starts_with("/link/") { "/link/…" } else { path };
+    tracing::info_span!("request", request_id = %id, method = %request.method(), path = %path)
 }
 
 async fn not_found() -> PageError {
