@@ -522,3 +522,82 @@ async fn a_student_signs_in_over_http_with_claims_from_ldap() {
     let refreshed = app.refresh("rp-basic", tokens.refresh()).await;
     assert_eq!(refreshed.status, StatusCode::OK, "{refreshed:?}");
 }
+
+#[tokio::test]
+async fn ldaps_and_starttls_trust_the_tls_ca_file() {
+    let slapd = Slapd::start_tls().await;
+    let ca = slapd.ca_file.as_ref().unwrap().display().to_string();
+    let ldaps = DirectoryConfig {
+        url: slapd.ldaps_url.clone().unwrap(),
+        tls_ca_file: ca.clone(),
+        ..slapd.search_config()
+    };
+    let starttls = DirectoryConfig {
+        url: slapd.localhost_url(),
+        starttls: true,
+        tls_ca_file: ca.clone(),
+        ..slapd.search_config()
+    };
+    let template = DirectoryConfig {
+        url: slapd.ldaps_url.clone().unwrap(),
+        tls_ca_file: ca.clone(),
+        ..slapd.template_config()
+    };
+    for config in [ldaps.clone(), starttls.clone(), template] {
+        let ldap = directory(&config);
+        let what = format!("{} starttls {}", config.url, config.starttls);
+        let taro = ldap.authenticate(TARO.username, TARO.password).await;
+        assert_taro(&slapd, &taro.unwrap_or_else(|e| panic!("{what}: {e:?}")));
+        assert_invalid(ldap.authenticate(TARO.username, "wrong").await, &what);
+        ldap.check()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+    }
+    assert_taro(
+        &slapd,
+        &directory(&ldaps)
+            .lookup(TARO.username)
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+
+    // The certificate names `localhost`, not 127.0.0.1: the name is checked too.
+    for config in [
+        DirectoryConfig {
+            url: ldaps.url.replace("localhost", "127.0.0.1"),
+            ..ldaps.clone()
+        },
+        DirectoryConfig {
+            url: slapd.url.clone(),
+            ..starttls.clone()
+        },
+    ] {
+        assert_unavailable(
+            directory(&config)
+                .authenticate(TARO.username, TARO.password)
+                .await,
+            &config.url,
+        );
+    }
+}
+
+#[test]
+fn a_tls_ca_file_that_is_missing_or_not_pem_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    for file in [dir.path().join("missing.pem"), not_pem] {
+        let config = DirectoryConfig {
+            kind: "ldap".into(),
+            url: "ldaps://localhost:636".into(),
+            base_dn: "ou=people,dc=example,dc=ac,dc=jp".into(),
+            tls_ca_file: file.display().to_string(),
+            ..DirectoryConfig::default()
+        };
+        assert!(
+            LdapDirectory::new(&config).is_err(),
+            "{file:?} was accepted"
+        );
+    }
+}

@@ -17,8 +17,8 @@
 //!   as the service account (a stale one is replaced once, transparently); every password check binds
 //!   on a fresh connection that is closed afterwards, so a student's identity never leaks into a
 //!   shared connection.
-//! - TLS: ldaps:// or `starttls = true` on ldap://, verified against the system's roots;
-//!   `tls_ca_file` is refused until this build links rustls 0.21 (the version ldap3 0.11 takes).
+//! - TLS: ldaps:// or `starttls = true` on ldap://, verified against the system's roots plus the
+//!   certificates in `tls_ca_file` (PEM), host name included.
 //! - Lookups (refresh grants) read as the service account; with a DN template and no service account
 //!   they read anonymously, and an entry they cannot see is `Unavailable`, never "gone".
 //! - Every call finishes within `timeout` (connect, TLS, binds and searches together); a directory
@@ -33,7 +33,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -42,6 +42,7 @@ use ldap3::{
     dn_escape, ldap_escape, Ldap, LdapConnAsync, LdapConnSettings, LdapError, Scope, SearchEntry,
     SearchOptions,
 };
+use rustls_ldap as rustls;
 use serde_json::{Map, Value};
 
 use super::{DirectoryError, DirectoryUser, UserDirectory};
@@ -123,6 +124,8 @@ enum Found {
 pub struct LdapDirectory {
     url: String,
     starttls: bool,
+    /// The system roots plus `tls_ca_file`; `None` uses ldap3's default (the system roots).
+    tls: Option<Arc<rustls::ClientConfig>>,
     /// The service account; `None` searches anonymously.
     service: Option<(String, Secret)>,
     locator: Locator,
@@ -163,11 +166,7 @@ impl LdapDirectory {
             ),
             other => bail!("directory.url must be ldap://, ldaps:// or ldapi://, not {other}://"),
         }
-        if !config.tls_ca_file.is_empty() {
-            // ldap3 0.11 takes its TLS settings as a rustls 0.21 ClientConfig, which this build does not
-            // link directly yet; refuse rather than silently trust the system roots only.
-            bail!("directory.tls_ca_file is not supported by this build yet; add the CA to the system trust store");
-        }
+        let tls = tls_config(&config.tls_ca_file)?;
         ensure!(
             !config.timeout.is_zero(),
             "directory.timeout must be more than zero"
@@ -265,6 +264,7 @@ impl LdapDirectory {
         Ok(Self {
             url: config.url.clone(),
             starttls: config.starttls,
+            tls,
             service,
             locator,
             id_attribute: AttributeDescription::parse(&config.id_attribute),
@@ -291,9 +291,12 @@ impl LdapDirectory {
     }
 
     async fn connect(&self) -> Result<Ldap, DirectoryError> {
-        let settings = LdapConnSettings::new()
+        let mut settings = LdapConnSettings::new()
             .set_conn_timeout(self.timeout)
             .set_starttls(self.starttls);
+        if let Some(tls) = &self.tls {
+            settings = settings.set_config(tls.clone());
+        }
         let (conn, ldap) = LdapConnAsync::with_settings(settings, &self.url)
             .await
             .map_err(|e| unavailable("cannot connect", e))?;
@@ -637,6 +640,36 @@ async fn search(
         10 => Ok(Found::None),
         rc => Err(SearchError::Refused(rc, result.1.text)),
     }
+}
+
+/// The TLS settings for `tls_ca_file`: the system's roots plus the certificates in that PEM file.
+fn tls_config(ca_file: &str) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    if ca_file.is_empty() {
+        return Ok(None);
+    }
+    let pem = std::fs::read(ca_file)
+        .with_context(|| format!("cannot read directory.tls_ca_file {ca_file}"))?;
+    let extra = rustls_pemfile::certs(&mut pem.as_slice())
+        .with_context(|| format!("directory.tls_ca_file {ca_file} is not PEM"))?;
+    ensure!(
+        !extra.is_empty(),
+        "directory.tls_ca_file {ca_file} holds no certificate"
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    // As ldap3 does without a CA file: system roots that cannot be read or parsed are skipped.
+    for cert in rustls_native_certs::load_native_certs().unwrap_or_default() {
+        let _ = roots.add(&rustls::Certificate(cert.0));
+    }
+    for der in extra {
+        roots.add(&rustls::Certificate(der)).with_context(|| {
+            format!("a certificate in directory.tls_ca_file {ca_file} is not usable")
+        })?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_safe_defaults()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(Arc::new(config)))
 }
 
 /// What a student's bind result means.
