@@ -202,15 +202,36 @@ async fn migrate_prepares_both_backends() {
     let app = TestApp::sqlite().await;
     let dir = tempfile::tempdir().unwrap();
     let fresh = format!("sqlite://{}", dir.path().join("sub/fresh.db").display());
-    for (url, backend) in [(fresh, "sqlite")] {
-        let config = std::fs::read_to_string(&app.config_path)
-            .unwrap()
-            .replace(&app.database_url, &url);
-        let path = write(dir.path(), "migrate.toml", &config);
-        let output = run(&["--config", &path, "migrate"], None).await;
-        assert!(output.status.success(), "{}", stderr(&output));
-        assert!(stdout(&output).contains(backend), "{}", stdout(&output));
-    }
+    let config = std::fs::read_to_string(&app.config_path)
+        .unwrap()
+        .replace(&app.database_url, &fresh);
+    let path = write(dir.path(), "migrate.toml", &config);
+    let output = run(&["--config", &path, "migrate"], None).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("sqlite"), "{}", stdout(&output));
+    assert!(
+        dir.path().join("sub/fresh.db").exists(),
+        "created with its folder"
+    );
+
+    // A relative sqlite:// path resolves against the working directory.
+    let config = std::fs::read_to_string(&app.config_path)
+        .unwrap()
+        .replace(&app.database_url, "sqlite://data/relative.db");
+    let path = write(dir.path(), "relative.toml", &config);
+    let mut command = nidan();
+    command
+        .current_dir(dir.path())
+        .args(["--config", &path, "migrate"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(dir.path().join("data/relative.db").exists());
+
     let pg = PgDatabase::create().await;
     let config = std::fs::read_to_string(&app.config_path)
         .unwrap()
@@ -412,4 +433,208 @@ async fn keys_list_and_rotate() {
     )
     .await;
     assert!(!bad.status.success());
+}
+
+/// Runs `nidan --config <app's config> args…` with `stdin`; the whole output.
+async fn operator_with_input(app: &TestApp, args: &[&str], stdin: &str) -> Output {
+    let config = app.config_path.display().to_string();
+    let mut all = vec!["--config", config.as_str()];
+    all.extend_from_slice(args);
+    run(&all, Some(stdin)).await
+}
+
+fn is_code(reply: &Reply) -> bool {
+    reply.status == StatusCode::SEE_OTHER
+        && reply
+            .location
+            .as_deref()
+            .is_some_and(|l| l.starts_with(REDIRECT_URI) && l.contains("code="))
+}
+
+#[tokio::test]
+async fn user_import_enrolls_students_all_or_nothing() {
+    let app = TestApp::sqlite().await;
+    let good = r#"{"username": "s2401002", "email": "hanako@example.ac.jp", "second_password": "Hanako2nd9"}"#;
+    let bad = r#"{"username": "s2401003", "email": "not-an-email", "second_password": "short"}"#;
+
+    // A bad line: a clear error naming it, and nothing imported.
+    let output =
+        operator_with_input(&app, &["user", "import", "-"], &format!("{good}\n{bad}\n")).await;
+    assert!(!output.status.success(), "{}", stdout(&output));
+    let errors = stderr(&output) + &stdout(&output);
+    assert!(errors.contains('2'), "the bad line is named: {errors}");
+    let page = app
+        .browser()
+        .open(&Authz::new("rp-basic").url(&app.issuer))
+        .await;
+    let reply = app
+        .browser()
+        .submit_login(&page, HANAKO.username, HANAKO.password, "Hanako2nd9")
+        .await;
+    assert!(!is_code(&reply), "nothing half-imported: {reply:?}");
+
+    // A dry run imports nothing either.
+    let output = operator_with_input(
+        &app,
+        &["user", "import", "--dry-run", "-"],
+        &format!("{good}\n"),
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // The good line alone, twice (idempotent).
+    for _ in 0..2 {
+        let output =
+            operator_with_input(&app, &["user", "import", "-"], &format!("{good}\n")).await;
+        assert!(
+            output.status.success(),
+            "{}{}",
+            stdout(&output),
+            stderr(&output)
+        );
+    }
+    let hanako = Student {
+        second_password: Some("Hanako2nd9"),
+        ..HANAKO
+    };
+    let tokens = app
+        .tokens_for("rp-basic", &hanako, Level::SecondPassword)
+        .await;
+    assert_eq!(tokens.id_claims()["acr"], ACR_SECOND_PASSWORD);
+    let userinfo = app.userinfo(&tokens.access_token).await.json();
+    assert_eq!(userinfo["email"], "hanako@example.ac.jp");
+    assert_eq!(
+        userinfo["email_verified"], true,
+        "imported email counts as verified"
+    );
+}
+
+#[tokio::test]
+async fn user_lock_unlock_show_and_reset_enrollment() {
+    let app = TestApp::sqlite().await;
+    let second = TARO.second_password.unwrap();
+    let login = |second: &'static str| {
+        let app = &app;
+        async move {
+            let browser = app.browser();
+            let page = browser.open(&Authz::new("rp-basic").url(&app.issuer)).await;
+            browser
+                .submit_login(&page, TARO.username, TARO.password, second)
+                .await
+        }
+    };
+    assert!(is_code(&login(second).await));
+
+    operator(&app, &["user", "lock", TARO.username, "--duration", "1h"]).await;
+    let locked = login(second).await;
+    assert!(
+        !is_code(&locked),
+        "the second-password level is blocked: {locked:?}"
+    );
+    assert!(is_code(&login("").await), "the password level is not");
+
+    let show = operator(&app, &["user", "show", TARO.username]).await;
+    assert!(show.contains(TARO.username), "{show}");
+    assert!(!show.contains("$argon2"), "no hashes in the output: {show}");
+
+    operator(&app, &["user", "unlock", TARO.username]).await;
+    assert!(is_code(&login(second).await), "unlocked");
+
+    operator(&app, &["user", "reset-enrollment", TARO.username]).await;
+    let reply = login("").await;
+    assert!(!is_code(&reply), "enrollment runs again first: {reply:?}");
+    assert!(reply.is_redirect_to("/enroll/email"), "{reply:?}");
+}
+
+#[tokio::test]
+async fn nidan_config_environment_variable_and_overrides() {
+    let app = TestApp::sqlite().await;
+    let mut command = nidan();
+    command
+        .env("NIDAN_CONFIG", &app.config_path)
+        .args(["client", "list"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("rp-basic"));
+
+    let mut command = nidan();
+    command
+        .env("NIDAN_ISSUER", "http://idp.example.ac.jp")
+        .args([
+            "--config",
+            &app.config_path.display().to_string(),
+            "check-config",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "the environment overrides the file"
+    );
+    let text = stderr(&output);
+    assert!(
+        text.contains("idp.example.ac.jp") && text.contains("https"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "server bug: check-config stops at the first value of the wrong type (a bad duration) \
+            and names a line of its internal merged TOML, not of the file or the NIDAN_ variable"]
+async fn check_config_names_the_right_line_and_keeps_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = write(dir.path(), "users.toml", "users = []\n");
+    let kek = write(dir.path(), "kek", &format!("{}\n", "A".repeat(43) + "="));
+    let config = format!(
+        "# nidan\n# comments first\n\nissuer = \"http://idp.example.ac.jp\"\n\
+         key_encryption_key_file = \"{kek}\"\n\n[session]\nidle_timeout = \"soon\"\n\n\
+         [directory]\nkind = \"file\"\npath = \"{users}\"\n\n\
+         [mail]\ntransport = \"file\"\nfrom = \"noreply@example.ac.jp\"\n"
+    );
+    assert_eq!(config.lines().nth(7), Some("idle_timeout = \"soon\""));
+    let path = write(dir.path(), "nidan.toml", &config);
+    let output = run(&["--config", &path, "check-config"], None).await;
+    assert!(!output.status.success());
+    let text = stderr(&output);
+    let duration = text
+        .lines()
+        .find(|l| l.contains("idle_timeout"))
+        .unwrap_or_else(|| panic!("a line about idle_timeout: {text}"));
+    assert!(
+        !duration.contains("line ") || duration.contains("line 8"),
+        "the file's line 8: {duration}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("idp.example.ac.jp") && l.contains("https")),
+        "every problem at once, the issuer too: {text}"
+    );
+
+    // A bad value from the environment names the variable.
+    let good = write(
+        dir.path(),
+        "good.toml",
+        &config.replace("\"soon\"", "\"15m\""),
+    );
+    let mut command = nidan();
+    command
+        .env("NIDAN_SESSION_IDLE_TIMEOUT", "soon")
+        .args(["--config", &good, "check-config"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let text = stderr(&output);
+    assert!(text.contains("NIDAN_SESSION_IDLE_TIMEOUT"), "{text}");
 }

@@ -165,6 +165,8 @@ async fn prompt_and_max_age_are_checked() {
     error_redirect(&app, &authz, "invalid_request").await;
     let authz = Authz::new("rp-basic").set("max_age", "soon");
     error_redirect(&app, &authz, "invalid_request").await;
+    let authz = Authz::new("rp-basic").set("claims", "{not json");
+    error_redirect(&app, &authz, "invalid_request").await;
 }
 
 #[tokio::test]
@@ -563,4 +565,13 @@ async fn oversized_form_posts_from_a_browser_get_a_page() {
         "a page that explains, not a bare status: {reply:?}"
     );
     assert_eq!(reply.header("x-content-type-options"), Some("nosniff"));
+}
+
+#[tokio::test]
+async fn development_pages_exist_on_a_loopback_issuer_with_file_mail() {
+    let app = TestApp::sqlite().await;
+    for path in ["/demo", "/dev/mail", "/metrics"] {
+        let reply = app.get(path).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {reply:?}");
+    }
 }

@@ -862,3 +862,144 @@ async fn reflected_values_are_escaped() {
     };
     assert!(!failed.body.contains("<script>alert(1)"), "{failed:?}");
 }
+
+#[tokio::test]
+async fn an_aged_second_password_asks_only_for_the_step_up() {
+    let app = TestApp::builder(Backend::Sqlite)
+        .config(json!({ "session": { "step_up_lifetime": "30m" } }))
+        .build()
+        .await;
+    let browser = app.browser();
+    app.tokens_with(
+        &browser,
+        Authz::new("rp-basic"),
+        &TARO,
+        Level::SecondPassword,
+    )
+    .await;
+    // Kept alive at the password level past the step-up lifetime.
+    for _ in 0..4 {
+        app.advance(10 * 60);
+        let authz = Authz::new("rp-basic");
+        let code = browser.get(&authz.url(&app.issuer)).await.code();
+        let tokens = app.exchange(&authz, &code).await;
+        let expected = if app.now() - tokens.id_claims()["auth_time"].as_i64().unwrap() <= 30 * 60 {
+            ACR_SECOND_PASSWORD
+        } else {
+            ACR_PASSWORD
+        };
+        assert_eq!(tokens.id_claims()["acr"], expected);
+    }
+    let page = browser.open(&Authz::new("rp-step").url(&app.issuer)).await;
+    assert!(
+        page.is_step_up_page(),
+        "only the second password again: {page:?}"
+    );
+}
+
+#[tokio::test]
+async fn max_age_older_than_the_second_password_asks_only_for_the_step_up() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    app.tokens_with(
+        &browser,
+        Authz::new("rp-basic"),
+        &TARO,
+        Level::SecondPassword,
+    )
+    .await;
+    app.advance(20 * 60);
+    // A fresh university password, the second password 20 minutes old.
+    let authz = Authz::new("rp-basic").set("prompt", "login");
+    let page = browser.open(&authz.url(&app.issuer)).await;
+    browser
+        .submit_login(&page, TARO.username, TARO.password, "")
+        .await
+        .code();
+    app.advance(60);
+    let authz = Authz::new("rp-basic")
+        .set("acr_values", ACR_SECOND_PASSWORD)
+        .set("max_age", "600");
+    let page = browser.open(&authz.url(&app.issuer)).await;
+    assert!(page.is_step_up_page(), "{page:?}");
+    let reply = browser
+        .submit_step_up(&page, TARO.second_password.unwrap())
+        .await;
+    let tokens = app.exchange(&authz, &reply.code()).await;
+    assert_eq!(tokens.id_claims()["acr"], ACR_SECOND_PASSWORD);
+    assert_eq!(tokens.id_claims()["auth_time"], json!(app.now()));
+}
+
+#[tokio::test]
+async fn the_menu_needs_a_recent_second_password() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    let page = browser.get("/login").await;
+    let reply = browser
+        .submit_login(
+            &page,
+            TARO.username,
+            TARO.password,
+            TARO.second_password.unwrap(),
+        )
+        .await;
+    assert!(reply.is_redirect_to("/account"), "{reply:?}");
+    assert_eq!(browser.get("/account").await.status, StatusCode::OK);
+    app.advance(6 * 60);
+    let reply = browser.get("/account").await;
+    assert!(reply.is_redirect_to("/login/step-up"), "{reply:?}");
+}
+
+#[tokio::test]
+async fn absolute_timeout_ends_the_session() {
+    let app = TestApp::builder(Backend::Sqlite)
+        .config(json!({ "session": { "idle_timeout": "9h", "absolute_timeout": "8h" } }))
+        .build()
+        .await;
+    let browser = app.browser();
+    app.tokens_with(&browser, Authz::new("rp-basic"), &TARO, Level::Password)
+        .await;
+    app.advance(7 * 3600);
+    browser
+        .get(&Authz::new("rp-basic").url(&app.issuer))
+        .await
+        .code();
+    app.advance(3600 + 1);
+    let page = browser.open(&Authz::new("rp-basic").url(&app.issuer)).await;
+    assert!(page.is_login_page(), "{page:?}");
+}
+
+#[tokio::test]
+async fn every_nidan_cookie_is_httponly_and_lax() {
+    let app = TestApp::sqlite().await;
+    let browser = app.browser();
+    let mut cookies = Vec::new();
+    let first = browser.get(&Authz::new("rp-basic").url(&app.issuer)).await;
+    let page = browser.follow(first.clone()).await;
+    let login = browser
+        .submit_login(
+            &page,
+            TARO.username,
+            TARO.password,
+            TARO.second_password.unwrap(),
+        )
+        .await;
+    for reply in [&first, &page, &login] {
+        for value in reply.headers.get_all("set-cookie") {
+            cookies.push(value.to_str().unwrap().to_string());
+        }
+    }
+    assert!(
+        cookies.iter().any(|c| c.starts_with("nidan_browser=")),
+        "{cookies:?}"
+    );
+    assert!(
+        cookies.iter().any(|c| c.starts_with("nidan_session=")),
+        "{cookies:?}"
+    );
+    for cookie in &cookies {
+        let lower = cookie.to_ascii_lowercase();
+        assert!(lower.contains("; httponly"), "{cookie}");
+        assert!(lower.contains("; samesite=lax"), "{cookie}");
+    }
+}

@@ -310,12 +310,18 @@ const BCL_SECRET: &str = "bcl-secret-0123456789abcdef";
 
 /// A client with a back-channel logout URI (with a query, which must be kept as registered).
 fn bcl_client(receiver: &LogoutReceiver) -> TestClient {
-    let uri = format!("{}/backchannel?tenant=a%20b&x=1", receiver.base);
+    bcl_client_named(
+        "rp-bcl",
+        &format!("{}/backchannel?tenant=a%20b&x=1", receiver.base),
+    )
+}
+
+fn bcl_client_named(client_id: &'static str, uri: &str) -> TestClient {
     TestClient {
-        client_id: "rp-bcl",
+        client_id,
         secret: Some(BCL_SECRET),
         settings: json!({
-            "client_id": "rp-bcl",
+            "client_id": client_id,
             "redirect_uris": [REDIRECT_URI],
             "post_logout_redirect_uris": [POST_LOGOUT_URI],
             "token_endpoint_auth_method": "client_secret_basic",
@@ -545,4 +551,71 @@ async fn logout_pages_follow_ui_locales() {
         .collect();
     let done = browser.post("/logout", &fields).await;
     assert!(done.body.contains("<html lang=\"en\""), "{done:?}");
+}
+
+#[tokio::test]
+async fn every_client_of_the_session_is_told() {
+    let receiver = LogoutReceiver::start(0).await;
+    let app = TestApp::builder(Backend::Sqlite)
+        .client(bcl_client_named(
+            "rp-bcl-a",
+            &format!("{}/a", receiver.base),
+        ))
+        .client(bcl_client_named(
+            "rp-bcl-b",
+            &format!("{}/b", receiver.base),
+        ))
+        .build()
+        .await;
+    let browser = app.browser();
+    let a = app
+        .tokens_with(&browser, Authz::new("rp-bcl-a"), &TARO, Level::Password)
+        .await;
+    let authz = Authz::new("rp-bcl-b");
+    let code = browser.get(&authz.url(&app.issuer)).await.code();
+    app.exchange(&authz, &code).await;
+    let reply = browser
+        .get(&logout_url(&app, &[("id_token_hint", a.id())]))
+        .await;
+    assert!(!reply.status.is_server_error(), "{reply:?}");
+    let mut told = Vec::new();
+    while let Some(delivery) = receiver.received().await {
+        let claims = jwt_payload(delivery.logout_token.as_deref().unwrap());
+        assert_eq!(claims["sid"], a.id_claims()["sid"]);
+        told.push((delivery.path.clone(), claims["aud"].clone()));
+    }
+    told.sort_by_key(|(path, _)| path.clone());
+    assert_eq!(
+        told,
+        vec![
+            ("/a".to_string(), json!("rp-bcl-a")),
+            ("/b".to_string(), json!("rp-bcl-b"))
+        ],
+        "both clients, before the answer"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_relying_party_does_not_hold_up_the_logout() {
+    let receiver = LogoutReceiver::slow(std::time::Duration::from_secs(30)).await;
+    let app = bcl_app(Backend::Sqlite, &receiver).await;
+    let browser = app.browser();
+    let tokens = app
+        .tokens_with(&browser, Authz::new("rp-bcl"), &TARO, Level::Password)
+        .await;
+    let started = std::time::Instant::now();
+    let reply = browser
+        .get(&logout_url(
+            &app,
+            &[
+                ("id_token_hint", tokens.id()),
+                ("post_logout_redirect_uri", POST_LOGOUT_URI),
+            ],
+        ))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{reply:?}");
+    // Two seconds per client plus load; far less than the 30 the RP would take.
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+    assert!(receiver.received().await.is_some(), "the attempt was made");
 }

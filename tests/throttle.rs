@@ -111,8 +111,7 @@ async fn second_password_lockout_blocks_only_the_second_password_level() {
         TARO.second_password.unwrap(),
     )
     .await;
-    let authz_tokens = is_code(&reply);
-    assert!(authz_tokens, "{reply:?}");
+    assert!(is_code(&reply), "{reply:?}");
 }
 
 #[tokio::test]
@@ -201,4 +200,18 @@ async fn another_student_is_not_locked_by_a_neighbours_failures() {
     }
     let reply = attempt(&app, &browser, JIRO.username, JIRO.password, "").await;
     assert!(is_code(&reply), "{reply:?}");
+}
+
+#[tokio::test]
+async fn failures_count_against_the_normalised_user_id() {
+    let app = strict_app().await;
+    let browser = app.browser();
+    for spelling in ["S2401001", "  s2401001", "ｓ２４０１００１"] {
+        attempt(&app, &browser, spelling, "Wrong-pass-1", "").await;
+    }
+    let refused = attempt(&app, &browser, TARO.username, TARO.password, "").await;
+    assert!(
+        !is_code(&refused),
+        "three spellings, one student: {refused:?}"
+    );
 }

@@ -23,6 +23,7 @@ pub struct Delivery {
 struct Shared {
     tx: mpsc::UnboundedSender<Delivery>,
     fail_first: Arc<AtomicUsize>,
+    delay: Duration,
 }
 
 pub struct LogoutReceiver {
@@ -49,6 +50,7 @@ async fn receive(
             .map(str::to_string),
         logout_token,
     });
+    tokio::time::sleep(shared.delay).await;
     let failing = shared
         .fail_first
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -63,12 +65,22 @@ async fn receive(
 impl LogoutReceiver {
     /// Starts listening on a free port; the first `fail_first` requests get a 500.
     pub async fn start(fail_first: usize) -> LogoutReceiver {
+        Self::start_with(fail_first, Duration::ZERO).await
+    }
+
+    /// Starts a receiver that answers each request only after `delay`.
+    pub async fn slow(delay: Duration) -> LogoutReceiver {
+        Self::start_with(0, delay).await
+    }
+
+    async fn start_with(fail_first: usize, delay: Duration) -> LogoutReceiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Shared {
             tx,
             fail_first: Arc::new(AtomicUsize::new(fail_first)),
+            delay,
         };
         let app = axum::Router::new().fallback(receive).with_state(shared);
         tokio::spawn(async move {
