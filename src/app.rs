@@ -294,8 +294,10 @@ pub fn router(state: AppState) -> Router {
             .route("/demo/start", get(crate::demo::demo_start))
             .route("/demo/callback", get(crate::demo::demo_callback));
     }
+    // The body limit sits inside the page and header layers, so a refused body still gets a page.
     app.route_layer(middleware::from_fn(crate::metrics::track_requests))
         .fallback(not_found)
+        .layer(RequestBodyLimitLayer::new(64 * 1024))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             render_page_errors,
@@ -304,7 +306,6 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             security_headers,
         ))
-        .layer(RequestBodyLimitLayer::new(64 * 1024))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -320,7 +321,11 @@ fn request_span(request: &Request) -> tracing::Span {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
     let path = request.uri().path();
-    let path = if path.starts_with("/link/") { "/link/…" } else { path };
+    let path = if path.starts_with("/link/") {
+        "/link/…"
+    } else {
+        path
+    };
     tracing::info_span!("request", request_id = %id, method = %request.method(), path = %path)
 }
 

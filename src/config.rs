@@ -511,12 +511,13 @@ pub fn is_loopback_url(url: &Url) -> bool {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Text,
+    Duration,
     Integer,
     Boolean,
     List,
 }
 
-use Kind::{Boolean, Integer, List, Text};
+use Kind::{Boolean, Duration as Dur, Integer, List, Text};
 
 const TOP_KEYS: &[(&str, Kind)] = &[
     ("issuer", Text),
@@ -532,7 +533,7 @@ const TOP_KEYS: &[(&str, Kind)] = &[
     ("log_format", Text),
     ("accent_color", Text),
     ("logo_url", Text),
-    ("audit_retention", Text),
+    ("audit_retention", Dur),
     ("manual_url", Text),
     ("support_contact", Text),
 ];
@@ -541,21 +542,21 @@ const TABLE_KEYS: &[(&str, &[(&str, Kind)])] = &[
     (
         "session",
         &[
-            ("idle_timeout", Text),
-            ("absolute_timeout", Text),
-            ("step_up_lifetime", Text),
-            ("menu_reauth", Text),
+            ("idle_timeout", Dur),
+            ("absolute_timeout", Dur),
+            ("step_up_lifetime", Dur),
+            ("menu_reauth", Dur),
         ],
     ),
     (
         "lifetimes",
         &[
-            ("authorization_code", Text),
-            ("access_token", Text),
-            ("id_token", Text),
-            ("refresh_token", Text),
-            ("refresh_grace", Text),
-            ("one_time_link", Text),
+            ("authorization_code", Dur),
+            ("access_token", Dur),
+            ("id_token", Dur),
+            ("refresh_token", Dur),
+            ("refresh_grace", Dur),
+            ("one_time_link", Dur),
         ],
     ),
     (
@@ -563,7 +564,7 @@ const TABLE_KEYS: &[(&str, &[(&str, Kind)])] = &[
         &[
             ("password_failures", Integer),
             ("second_password_failures", Integer),
-            ("window", Text),
+            ("window", Dur),
             ("address_failures", Integer),
             ("address_allowlist", List),
         ],
@@ -581,7 +582,7 @@ const TABLE_KEYS: &[(&str, &[(&str, Kind)])] = &[
             ("dn_template", Text),
             ("id_attribute", Text),
             ("tls_ca_file", Text),
-            ("timeout", Text),
+            ("timeout", Dur),
             ("path", Text),
         ],
     ),
@@ -671,8 +672,10 @@ impl Config {
             Ok(table) => table,
             Err(e) => return Err(ConfigErrors(vec![one_line_toml_error(&e, text)])),
         };
-        apply_env(&mut table, env, &mut problems);
+        let mut origins = file_lines(text);
+        apply_env(&mut table, env, &mut problems, &mut origins);
         check_unknown_keys(&table, &mut problems);
+        check_value_types(&mut table, &origins, &mut problems);
         let merged = toml::to_string(&table).unwrap_or_default();
         let mut config: Config = match toml::from_str(&merged) {
             Ok(config) => config,
@@ -982,7 +985,7 @@ fn one_line_toml_error(e: &toml::de::Error, text: &str) -> String {
 
 fn env_value(kind: Kind, raw: &str) -> Result<toml::Value, String> {
     match kind {
-        Text => Ok(toml::Value::String(raw.to_string())),
+        Text | Dur => Ok(toml::Value::String(raw.to_string())),
         Integer => raw
             .trim()
             .parse::<i64>()
@@ -1013,7 +1016,12 @@ fn env_value(kind: Kind, raw: &str) -> Result<toml::Value, String> {
 }
 
 /// `NIDAN_<KEY>` for top-level keys, `NIDAN_<TABLE>_<KEY>` for keys of a table.
-fn apply_env(table: &mut toml::Table, env: &HashMap<String, String>, problems: &mut Vec<String>) {
+fn apply_env(
+    table: &mut toml::Table,
+    env: &HashMap<String, String>,
+    problems: &mut Vec<String>,
+    origins: &mut HashMap<String, String>,
+) {
     let mut names: Vec<&String> = env.keys().filter(|k| k.starts_with("NIDAN_")).collect();
     names.sort();
     for name in names {
@@ -1025,6 +1033,7 @@ fn apply_env(table: &mut toml::Table, env: &HashMap<String, String>, problems: &
         if let Some((_, kind)) = TOP_KEYS.iter().find(|(k, _)| *k == key) {
             match env_value(*kind, raw) {
                 Ok(value) => {
+                    origins.insert(key.clone(), name.clone());
                     table.insert(key, value);
                 }
                 Err(e) => problems.push(format!("{name}: {e}")),
@@ -1040,6 +1049,7 @@ fn apply_env(table: &mut toml::Table, env: &HashMap<String, String>, problems: &
         match found {
             Some((section, sub, kind)) => match env_value(kind, raw) {
                 Ok(value) => {
+                    origins.insert(format!("{section}.{sub}"), name.clone());
                     let entry = table
                         .entry(section.to_string())
                         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -1052,6 +1062,88 @@ fn apply_env(table: &mut toml::Table, env: &HashMap<String, String>, problems: &
             None => problems.push(format!(
                 "{name}: no configuration key matches this environment variable"
             )),
+        }
+    }
+}
+
+/// Where each `key` / `table.key` of the file is written ("line N").
+fn file_lines(text: &str) -> HashMap<String, String> {
+    let mut origins = HashMap::new();
+    let mut section = String::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            section = line
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string();
+            continue;
+        }
+        if let Some((key, _)) = line.split_once('=') {
+            let key = key.trim().trim_matches('"');
+            if key.is_empty() || key.starts_with('#') {
+                continue;
+            }
+            let path = if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("{section}.{key}")
+            };
+            origins
+                .entry(path)
+                .or_insert_with(|| format!("line {}", number + 1));
+        }
+    }
+    origins
+}
+
+/// Checks every known key's value type (durations parsed); a bad value is reported with where it
+/// came from and dropped, so that every other problem can still be found.
+fn check_value_types(
+    table: &mut toml::Table,
+    origins: &HashMap<String, String>,
+    problems: &mut Vec<String>,
+) {
+    fn problem(kind: Kind, value: &toml::Value) -> Option<String> {
+        match (kind, value) {
+            (Text, toml::Value::String(_)) => None,
+            (Dur, toml::Value::String(text)) => parse_duration(text).err(),
+            (Dur, toml::Value::Integer(n)) if *n >= 0 => None,
+            (Integer, toml::Value::Integer(n)) if *n >= 0 => None,
+            (Boolean, toml::Value::Boolean(_)) => None,
+            (List, toml::Value::Array(_)) => None,
+            (Text, _) => Some("must be a string".into()),
+            (Dur, _) => Some("must be a duration such as \"15m\"".into()),
+            (Integer, _) => Some("must be a whole number".into()),
+            (Boolean, _) => Some("must be true or false".into()),
+            (List, _) => Some("must be a list".into()),
+        }
+    }
+    let mut check = |path: String, kind: Kind, value: &toml::Value| -> bool {
+        match problem(kind, value) {
+            Some(why) => {
+                let origin = origins
+                    .get(&path)
+                    .cloned()
+                    .unwrap_or_else(|| "configuration".into());
+                problems.push(format!("{origin}: {path} {why}"));
+                false
+            }
+            None => true,
+        }
+    };
+    table.retain(
+        |key, value| match TOP_KEYS.iter().find(|(k, _)| *k == key) {
+            Some((_, kind)) => check(key.to_string(), *kind, value),
+            None => true,
+        },
+    );
+    for (section, keys) in TABLE_KEYS {
+        if let Some(toml::Value::Table(sub)) = table.get_mut(*section) {
+            sub.retain(|key, value| match keys.iter().find(|(k, _)| *k == key) {
+                Some((_, kind)) => check(format!("{section}.{key}"), *kind, value),
+                None => true,
+            });
         }
     }
 }

@@ -588,8 +588,6 @@ async fn nidan_config_environment_variable_and_overrides() {
 }
 
 #[tokio::test]
-#[ignore = "server bug: check-config stops at the first value of the wrong type (a bad duration) \
-            and names a line of its internal merged TOML, not of the file or the NIDAN_ variable"]
 async fn check_config_names_the_right_line_and_keeps_listing() {
     let dir = tempfile::tempdir().unwrap();
     let users = write(dir.path(), "users.toml", "users = []\n");

@@ -530,9 +530,6 @@ async fn health_endpoints_answer() {
 }
 
 #[tokio::test]
-#[ignore = "server bug: RequestBodyLimitLayer sits outside render_page_errors and security_headers, \
-            so a POST with Content-Length over 64 KiB gets a bare 413 text/plain \
-            \"length limit exceeded\" without the error page or nosniff/CSP"]
 async fn oversized_form_posts_from_a_browser_get_a_page() {
     let app = TestApp::sqlite().await;
     let browser = app.browser();

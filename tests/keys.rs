@@ -171,9 +171,6 @@ async fn a_restarted_server_keeps_its_keys() {
 }
 
 #[tokio::test]
-#[ignore = "server bug: KeySet::load picks the signer by ORDER BY active_from, created_at, kid, so \
-            keys rotated with --now in the same second tie and the random kid decides; an older \
-            (possibly compromised) key can keep signing"]
 async fn rotation_now_always_signs_with_the_newest_key() {
     let app = TestApp::sqlite().await;
     let state = &app.server.state;

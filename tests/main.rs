@@ -1,6 +1,6 @@
 //! nidan's black-box tests: each test starts its own server (port 0, temp dir, SQLite file or a
 //! PostgreSQL database of its own, test clock) and speaks HTTP to it as a relying party or a
-//! browser would. Tests marked `#[ignore = "server bug: …"]` fail today and document a bug.
+//! browser would.
 mod common;
 
 mod cli;

@@ -149,6 +149,7 @@ async fn code_is_redeemed_exactly_once_under_concurrency(backend: Backend) {
             expires_at: t + 60,
             consumed_at: None,
             grant_id: None,
+            replayed_at: None,
         })
         .await
         .unwrap();
@@ -159,7 +160,7 @@ async fn code_is_redeemed_exactly_once_under_concurrency(backend: Backend) {
         let (store, digest, barrier) = (store.clone(), digest.clone(), barrier.clone());
         tasks.spawn(async move {
             barrier.wait().await;
-            store.redeem_code(&digest, t + 1).await
+            store.redeem_code(&digest, "rp", "grant-1", t + 1).await
         });
     }
     let (mut fresh, mut used) = (0, 0);
@@ -182,13 +183,19 @@ async fn code_is_redeemed_exactly_once_under_concurrency(backend: Backend) {
     }
     assert_eq!((fresh, used), (1, CONCURRENT - 1));
 
-    store.set_code_grant(&digest, "grant-1").await.unwrap();
-    match store.redeem_code(&digest, t + 2).await.unwrap() {
+    match store
+        .redeem_code(&digest, "rp", "grant-2", t + 2)
+        .await
+        .unwrap()
+    {
         Redeemed::AlreadyUsed(code) => assert_eq!(code.grant_id.as_deref(), Some("grant-1")),
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        store.redeem_code("unknown", t).await.unwrap(),
+        store
+            .redeem_code("unknown", "rp", "grant-3", t)
+            .await
+            .unwrap(),
         Redeemed::NotFound
     ));
 }
@@ -219,7 +226,7 @@ async fn refresh_token_is_redeemed_exactly_once_under_concurrency(backend: Backe
         let (store, digest, barrier) = (store.clone(), digest.clone(), barrier.clone());
         tasks.spawn(async move {
             barrier.wait().await;
-            store.redeem_refresh_token(&digest, t + 1).await
+            store.redeem_refresh_token(&digest, "rp", t + 1).await
         });
     }
     let (mut fresh, mut used) = (0, 0);
@@ -240,7 +247,10 @@ async fn refresh_token_is_redeemed_exactly_once_under_concurrency(backend: Backe
     let stored = store.find_refresh_token(&digest).await.unwrap().unwrap();
     assert_eq!(stored.consumed_at, Some(t + 1));
     assert!(matches!(
-        store.redeem_refresh_token("unknown", t).await.unwrap(),
+        store
+            .redeem_refresh_token("unknown", "rp", t)
+            .await
+            .unwrap(),
         Redeemed::NotFound
     ));
 }

@@ -792,10 +792,6 @@ async fn rotated_refresh_token_is_inactive_at_introspection() {
 
 on_both_backends!(
     concurrent_code_exchanges_give_one_token_set,
-    #[ignore = "server bug: a replay that races the first exchange finds grant_id still NULL \
-                (set_code_grant runs after redeem_code), so nothing is revoked and the winner's \
-                tokens stay active; fails in about 1 of 4 runs on PostgreSQL, nearly always here \
-                with 10 rounds"]
     concurrent_code_replay_revokes_what_the_code_issued,
 );
 

@@ -167,7 +167,8 @@ export class Nidan {
     parts.push('[directory]', tomlTable(dirRest), '');
     if (claims) parts.push('[directory.claims]', tomlTable(claims), '');
     parts.push('[mail]', tomlTable(mail), '');
-    for (const c of this.clients) parts.push('[[clients]]', tomlTable(c), '');
+    const clients = typeof this.clients === 'function' ? this.clients(this.dir) : this.clients;
+    for (const c of clients) parts.push('[[clients]]', tomlTable(c), '');
     this.configPath = path.join(this.dir, 'nidan.toml');
     fs.writeFileSync(this.configPath, parts.join('\n'));
   }

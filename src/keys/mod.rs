@@ -192,6 +192,8 @@ pub struct ActiveKey {
     pub kid: String,
     pub alg: String,
     signer: Box<dyn JwsSigner>,
+    /// A newer key of the same algorithm exists.
+    replaced: bool,
 }
 
 /// The keys as one replica sees them, loaded from the store and refreshed periodically.
@@ -221,18 +223,26 @@ impl KeySet {
             if let Some(verifier) = verifier_for_jwk(&row.alg, &public) {
                 verifiers.insert(row.kid.clone(), verifier);
             }
-            // The signer is the newest key already active; rows come ordered by active_from.
+            // The signer is the newest key already active; a replaced key (one with an end) never
+            // wins over its replacement, even when both became active in the same second.
+            let replaced = row.published_until.is_some();
             if row.active_from <= now && row.published_until.is_none_or(|t| t > now) {
-                let private = Jwk::from_bytes(kek.decrypt(&row.private_jwk_encrypted)?)?;
-                let signer = signer_for_jwk(&row.alg, &private)?;
-                signers.insert(
-                    row.alg.clone(),
-                    ActiveKey {
-                        kid: row.kid.clone(),
-                        alg: row.alg.clone(),
-                        signer,
-                    },
-                );
+                let better = signers
+                    .get(&row.alg)
+                    .is_none_or(|current| current.replaced || !replaced);
+                if better {
+                    let private = Jwk::from_bytes(kek.decrypt(&row.private_jwk_encrypted)?)?;
+                    let signer = signer_for_jwk(&row.alg, &private)?;
+                    signers.insert(
+                        row.alg.clone(),
+                        ActiveKey {
+                            kid: row.kid.clone(),
+                            alg: row.alg.clone(),
+                            signer,
+                            replaced,
+                        },
+                    );
+                }
             }
         }
         let jwks = serde_json::to_vec(&serde_json::json!({ "keys": published }))?;

@@ -386,6 +386,7 @@ pub async fn issue_code(
         expires_at: now + state.config.lifetimes.authorization_code.as_secs() as i64,
         consumed_at: None,
         grant_id: None,
+        replayed_at: None,
     };
     state.store.insert_code(&row).await?;
     Ok(request

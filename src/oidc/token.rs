@@ -79,9 +79,16 @@ async fn authorization_code(
         .get("code")
         .ok_or_else(|| OAuthError::invalid_request("code is missing"))?;
     let now = state.clock.now();
-    let code = match state.store.redeem_code(&token_digest(code), now).await? {
+    let grant_id = random_id();
+    let code = match state
+        .store
+        .redeem_code(&token_digest(code), &client.client_id, &grant_id, now)
+        .await?
+    {
         Redeemed::Fresh(code) => code,
         Redeemed::AlreadyUsed(code) => {
+            // Marked first: an exchange still in flight sees the mark after storing its grant.
+            state.store.mark_code_replayed(&code.digest, now).await?;
             // A replayed code revokes what the first redemption issued (RFC 6749 §4.1.2).
             if let Some(grant_id) = &code.grant_id {
                 state.store.revoke_grant(grant_id, now).await?;
@@ -132,7 +139,7 @@ async fn authorization_code(
         state.config.session.absolute_timeout.as_secs() as i64
     };
     let grant = Grant {
-        id: random_id(),
+        id: grant_id,
         client_id: client.client_id.clone(),
         account_id: Some(code.account_id.clone()),
         session_id: Some(code.session_id.clone()),
@@ -148,13 +155,12 @@ async fn authorization_code(
         revoked_at: None,
     };
     state.store.insert_grant(&grant).await?;
-    state.store.set_code_grant(&code.digest, &grant.id).await?;
     let account = state
         .store
         .get_account(&code.account_id)
         .await?
         .ok_or_else(|| OAuthError::invalid_grant("the account no longer exists"))?;
-    issue_tokens(
+    let body = issue_tokens(
         state,
         client,
         &grant,
@@ -163,7 +169,20 @@ async fn authorization_code(
         code.nonce.as_deref(),
         true,
     )
-    .await
+    .await?;
+    // A replay that raced this exchange may have found no grant to revoke yet.
+    if state
+        .store
+        .get_code(&code.digest)
+        .await?
+        .is_some_and(|c| c.replayed_at.is_some())
+    {
+        state
+            .store
+            .revoke_grant(&grant.id, state.clock.now())
+            .await?;
+    }
+    Ok(body)
 }
 
 async fn refresh_token(
@@ -177,7 +196,11 @@ async fn refresh_token(
     let now = state.clock.now();
     let digest = token_digest(presented);
     let grace = state.config.lifetimes.refresh_grace.as_secs() as i64;
-    let token = match state.store.redeem_refresh_token(&digest, now).await? {
+    let token = match state
+        .store
+        .redeem_refresh_token(&digest, &client.client_id, now)
+        .await?
+    {
         Redeemed::Fresh(token) => token,
         Redeemed::AlreadyUsed(token)
             if grace > 0

@@ -121,6 +121,8 @@ pub struct AuthorizationCode {
     pub expires_at: Timestamp,
     pub consumed_at: Option<Timestamp>,
     pub grant_id: Option<String>,
+    /// Set when someone presented the code again after it was consumed.
+    pub replayed_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, FromRow)]
@@ -314,11 +316,17 @@ pub trait Store: Send + Sync + 'static {
 
     // Authorization codes.
     async fn insert_code(&self, code: &AuthorizationCode) -> StoreResult<()>;
+    /// Consumes the code for `client_id`, recording the grant it will produce; another client's
+    /// code is `NotFound` and stays unused.
     async fn redeem_code(
         &self,
         digest: &str,
+        client_id: &str,
+        grant_id: &str,
         now: Timestamp,
     ) -> StoreResult<Redeemed<AuthorizationCode>>;
+    async fn mark_code_replayed(&self, digest: &str, now: Timestamp) -> StoreResult<()>;
+    async fn get_code(&self, digest: &str) -> StoreResult<Option<AuthorizationCode>>;
     async fn set_code_grant(&self, digest: &str, grant_id: &str) -> StoreResult<()>;
 
     // Grants and tokens.
@@ -340,9 +348,11 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_access_token(&self, digest: &str, now: Timestamp) -> StoreResult<()>;
     async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()>;
     async fn find_refresh_token(&self, digest: &str) -> StoreResult<Option<RefreshToken>>;
+    /// Consumes the refresh token of one of `client_id`'s grants; another client's is `NotFound`.
     async fn redeem_refresh_token(
         &self,
         digest: &str,
+        client_id: &str,
         now: Timestamp,
     ) -> StoreResult<Redeemed<RefreshToken>>;
 

@@ -353,24 +353,44 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            async fn redeem_code(&self, digest: &str, now: Timestamp) -> StoreResult<Redeemed<AuthorizationCode>> {
+            async fn redeem_code(
+                &self,
+                digest: &str,
+                client_id: &str,
+                grant_id: &str,
+                now: Timestamp,
+            ) -> StoreResult<Redeemed<AuthorizationCode>> {
                 let fresh: Option<AuthorizationCode> = sqlx::query_as(
-                    "UPDATE authorization_codes SET consumed_at = $2 \
-                     WHERE digest = $1 AND consumed_at IS NULL RETURNING *",
+                    "UPDATE authorization_codes SET consumed_at = $2, grant_id = $4 \
+                     WHERE digest = $1 AND client_id = $3 AND consumed_at IS NULL RETURNING *",
                 )
                 .bind(digest)
                 .bind(now)
+                .bind(client_id)
+                .bind(grant_id)
                 .fetch_optional(&self.pool)
                 .await?;
                 if let Some(code) = fresh {
                     return Ok(Redeemed::Fresh(code));
                 }
-                let used: Option<AuthorizationCode> =
-                    sqlx::query_as("SELECT * FROM authorization_codes WHERE digest = $1")
-                        .bind(digest)
-                        .fetch_optional(&self.pool)
-                        .await?;
+                let used = self.get_code(digest).await?.filter(|c| c.client_id == client_id);
                 Ok(used.map_or(Redeemed::NotFound, Redeemed::AlreadyUsed))
+            }
+
+            async fn mark_code_replayed(&self, digest: &str, now: Timestamp) -> StoreResult<()> {
+                sqlx::query("UPDATE authorization_codes SET replayed_at = $2 WHERE digest = $1 AND replayed_at IS NULL")
+                    .bind(digest)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn get_code(&self, digest: &str) -> StoreResult<Option<AuthorizationCode>> {
+                Ok(sqlx::query_as("SELECT * FROM authorization_codes WHERE digest = $1")
+                    .bind(digest)
+                    .fetch_optional(&self.pool)
+                    .await?)
             }
 
             async fn set_code_grant(&self, digest: &str, grant_id: &str) -> StoreResult<()> {
@@ -511,20 +531,30 @@ macro_rules! sql_store {
                     .await?)
             }
 
-            async fn redeem_refresh_token(&self, digest: &str, now: Timestamp) -> StoreResult<Redeemed<RefreshToken>> {
+            async fn redeem_refresh_token(
+                &self,
+                digest: &str,
+                client_id: &str,
+                now: Timestamp,
+            ) -> StoreResult<Redeemed<RefreshToken>> {
                 let fresh: Option<RefreshToken> = sqlx::query_as(
-                    "UPDATE refresh_tokens SET consumed_at = $2 \
-                     WHERE digest = $1 AND consumed_at IS NULL AND revoked_at IS NULL RETURNING *",
+                    "UPDATE refresh_tokens SET consumed_at = $2 WHERE digest = $1 AND consumed_at IS NULL \
+                     AND revoked_at IS NULL AND grant_id IN (SELECT id FROM grants WHERE client_id = $3) \
+                     RETURNING *",
                 )
                 .bind(digest)
                 .bind(now)
+                .bind(client_id)
                 .fetch_optional(&self.pool)
                 .await?;
                 if let Some(token) = fresh {
                     return Ok(Redeemed::Fresh(token));
                 }
-                let used = self.find_refresh_token(digest).await?;
-                Ok(used.map_or(Redeemed::NotFound, Redeemed::AlreadyUsed))
+                let Some(token) = self.find_refresh_token(digest).await? else {
+                    return Ok(Redeemed::NotFound);
+                };
+                let owner = self.get_grant(&token.grant_id).await?.map(|g| g.client_id);
+                Ok(if owner.as_deref() == Some(client_id) { Redeemed::AlreadyUsed(token) } else { Redeemed::NotFound })
             }
 
             async fn throttle_reserve(&self, key: &str, limit: i64, window: i64, now: Timestamp) -> StoreResult<Option<i64>> {
