@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of nidan on a fresh machine: installs what is missing (when root), builds,
-# runs the Rust test suite (SQLite and PostgreSQL) and the OpenID Provider conformance check.
+# runs the Rust test suite (SQLite and PostgreSQL), the OpenID Provider conformance check and the
+# real-browser suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ install_packages() {
   command -v node >/dev/null || missing+=(nodejs npm)
   command -v pg_ctl >/dev/null || [ -x /usr/local/bin/pg_ctl ] || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing+=(postgresql)
   { [ -x /usr/sbin/slapd ] && command -v openssl >/dev/null; } || missing+=(slapd ldap-utils openssl)
+  # The browser suite drives Debian's Chromium (never a downloaded browser); CJK fonts for the pages.
+  [ -x /usr/bin/chromium ] || missing+=(chromium chromium-driver fonts-noto-cjk)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
       echo "missing packages: ${missing[*]} (install them, or run this script as root)" >&2
@@ -47,3 +50,6 @@ fi
 log "OpenID Provider conformance"
 (cd conformance && npm ci --no-audit --no-fund --loglevel=error)
 node conformance/run.mjs --nidan target/debug/nidan
+
+log "Browser suite (headless Chromium, axe-core)"
+(cd browser && npm ci --no-audit --no-fund --loglevel=error) && node browser/run.mjs --nidan target/debug/nidan

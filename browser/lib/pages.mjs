@@ -265,8 +265,19 @@ export class Tab {
       return path.join(dir, `${seq}-${name}.png`);
     };
     const page = this.page;
+    const docs = shots.docs?.get(`${this.run.label}/${name}`);
+    if (docs) {
+      // For the README: one screen at the given size, not the full page (small PNGs).
+      const size = page.viewportSize();
+      await page.setViewportSize(docs.viewport);
+      try {
+        fs.mkdirSync(path.dirname(docs.file), { recursive: true });
+        await page.screenshot({ path: docs.file, fullPage: false });
+      } finally {
+        await page.setViewportSize(size);
+      }
+    }
     await page.screenshot({ path: file(this.run.label.replace(/ /g, '-')), fullPage: true });
-    shots.taken?.set(`${this.run.label}/${name}`, file(this.run.label.replace(/ /g, '-')));
     if (!this.run.profile.mobile) {
       const size = page.viewportSize();
       await page.setViewportSize(PHONE_VIEWPORT);
@@ -275,7 +286,6 @@ export class Tab {
         if (f.sw > f.cw) problems.push(`horizontal scrolling at 360 px: content is ${f.sw} px wide`);
         const phone = file(`${this.run.label.replace(/ /g, '-')}@360px`);
         await page.screenshot({ path: phone, fullPage: true });
-        shots.taken?.set(`${this.run.label}@360px/${name}`, phone);
       } finally {
         await page.setViewportSize(size);
       }
