@@ -79,8 +79,12 @@ mod tests {
         assert_eq!(check("Abcdefgh", "Abcdefgh", false), vec![NoDigit]);
         // Full-width letters and digits are not half-width alphanumerics.
         assert_eq!(
-            check("Ａbcdefg1", "Ａbcdefg1", false),
+            check("Abcdefg1Ａ", "Abcdefg1Ａ", false),
             vec![NotHalfWidthAlphanumeric]
+        );
+        assert_eq!(
+            check("Ａbcdefg1", "Ａbcdefg1", false),
+            vec![NoUppercase, NotHalfWidthAlphanumeric]
         );
         assert_eq!(
             check("Abcdefg1!", "Abcdefg1!", false),

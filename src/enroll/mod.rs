@@ -70,6 +70,7 @@ pub fn email_is_valid(email: &str) -> bool {
     email.len() <= 254
         && email.is_ascii()
         && !local.is_empty()
+        && !local.contains('@')
         && local.len() <= 64
         && !email
             .chars()
