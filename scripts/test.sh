@@ -40,16 +40,31 @@ ensure_postgres
 log "building"
 cargo build --locked --bin nidan
 
+# Every stage runs even when an earlier one failed, so one run shows every failure.
+failed=()
+
 log "Rust test suite"
 if command -v cargo-nextest >/dev/null; then
-  cargo nextest run --locked --no-fail-fast
+  cargo nextest run --locked --no-fail-fast || failed+=("Rust tests")
 else
-  cargo test --locked --no-fail-fast
+  cargo test --locked --no-fail-fast || failed+=("Rust tests")
 fi
 
 log "OpenID Provider conformance"
-(cd conformance && npm ci --no-audit --no-fund --loglevel=error)
-node conformance/run.mjs --nidan target/debug/nidan
+if (cd conformance && npm ci --no-audit --no-fund --loglevel=error); then
+  node conformance/run.mjs --nidan target/debug/nidan || failed+=("conformance")
+else
+  failed+=("conformance (npm ci)")
+fi
 
 log "Browser suite (headless Chromium, axe-core)"
-(cd browser && npm ci --no-audit --no-fund --loglevel=error) && node browser/run.mjs --nidan target/debug/nidan
+if (cd browser && npm ci --no-audit --no-fund --loglevel=error); then
+  node browser/run.mjs --nidan target/debug/nidan || failed+=("browser suite")
+else
+  failed+=("browser suite (npm ci)")
+fi
+
+if [ ${#failed[@]} -gt 0 ]; then
+  printf '\nfailed: %s\n' "${failed[*]}" >&2
+  exit 1
+fi
