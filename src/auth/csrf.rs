@@ -50,10 +50,18 @@ impl Browser {
 
 /// Checks a form post: the browser cookie exists, the token matches it, and any `Origin` is ours.
 pub fn verify(state: &AppState, headers: &HeaderMap, form_token: &str) -> Option<Browser> {
+    // Browsers send `Origin: null` with our `Referrer-Policy: no-referrer`; that, like a missing
+    // Origin, leaves the decision to the token. A foreign origin or a cross-site fetch is refused.
     if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        if origin != state.origin {
+        if origin != "null" && origin != state.origin {
             return None;
         }
+    }
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"cross-site"))
+    {
+        return None;
     }
     let token = read_cookie(headers, &cookie_name(state, BROWSER_COOKIE))?;
     let browser = Browser {

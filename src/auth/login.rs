@@ -70,10 +70,28 @@ fn login_form(
     error: Option<&str>,
     status: StatusCode,
 ) -> Result<Response, PageError> {
+    login_form_with_notice(
+        state, headers, browser, locale, pending, username, error, status, None,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn login_form_with_notice(
+    state: &AppState,
+    headers: &HeaderMap,
+    browser: &Browser,
+    locale: Locale,
+    pending: &Pending,
+    username: Option<&str>,
+    error: Option<&str>,
+    status: StatusCode,
+    notice: Option<&str>,
+) -> Result<Response, PageError> {
     let ctx = context! {
         tx => pending.as_ref().map(|(tx, _)| tx.id.clone()),
         username => username.map(str::to_string).or_else(|| pending.as_ref().and_then(|(_, r)| r.login_hint.clone())),
         error => error,
+        notice => notice,
         password_change_url => state.config.password_change_url.clone(),
     };
     state.page_with_status(status, locale, "login.html", ctx, browser, headers)
@@ -87,7 +105,11 @@ pub async fn login_page(
     let browser = Browser::from_headers(&state, &headers);
     let pending = pending(&state, query.tx.as_deref(), &browser).await?;
     let locale = page_locale(&state, &headers, query.lang.as_deref(), &pending);
-    login_form(
+    // After an automatic logout, say so (the seed's notes promise it).
+    let notice = session::timed_out(&state, &headers)
+        .await?
+        .then_some("session_expired");
+    login_form_with_notice(
         &state,
         &headers,
         &browser,
@@ -96,6 +118,7 @@ pub async fn login_page(
         None,
         None,
         StatusCode::OK,
+        notice,
     )
 }
 
@@ -382,6 +405,12 @@ pub async fn step_up_page(
         };
         return Ok(see_other(&target));
     };
+    // A student without a second password yet finishes enrollment instead.
+    if let Some(page) =
+        Enrollment::of(&account).page(pending.as_ref().map(|(tx, _)| tx.id.as_str()))
+    {
+        return Ok(see_other(&page));
+    }
     let locale = page_locale(&state, &headers, query.lang.as_deref(), &pending);
     step_up_form(&state, &headers, &browser, locale, &pending, &account, None)
 }
@@ -399,6 +428,11 @@ pub async fn step_up_submit(
     let Some((mut session, account)) = signed_in(&state, &headers).await? else {
         return Ok(see_other("/login"));
     };
+    if let Some(page) =
+        Enrollment::of(&account).page(pending.as_ref().map(|(tx, _)| tx.id.as_str()))
+    {
+        return Ok(see_other(&page));
+    }
     let second_password = params.get("second_password").unwrap_or("");
     if second_password.is_empty() {
         return step_up_form(

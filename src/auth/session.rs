@@ -72,6 +72,20 @@ pub async fn current(state: &AppState, headers: &HeaderMap) -> StoreResult<Optio
     Ok(session.filter(|s| s.is_active(state, now)))
 }
 
+/// True when the browser's cookie names a session that timed out (idle or absolute) rather than
+/// one the student ended: the login page then says why the student was logged out.
+pub async fn timed_out(state: &AppState, headers: &HeaderMap) -> StoreResult<bool> {
+    let Some(cookie) = read_cookie(headers, &cookie_name(state, SESSION_COOKIE)) else {
+        return Ok(false);
+    };
+    let session = state
+        .store
+        .find_session_by_cookie(&token_digest(&cookie))
+        .await?;
+    let now = state.clock.now();
+    Ok(session.is_some_and(|s| s.ended_at.is_none() && !s.is_active(state, now)))
+}
+
 /// Signs `account_id` in after a university-password check: the same session (same `sid`) with a
 /// new cookie value when the same student was signed in, otherwise a new session. Returns the
 /// session, the new cookie value and the session this replaced for another student, if any.
