@@ -4,12 +4,17 @@
 mod common;
 
 mod cli;
+mod enroll;
 mod errors;
+mod faults;
 mod flow;
 mod keys;
 mod ldap;
 mod logout;
+mod ops;
+mod outbox;
 mod pages;
+mod replicas;
 mod store;
 mod throttle;
 mod tokens;

@@ -212,7 +212,7 @@ export class Tab {
     const problems = [];
     try {
       await page.waitForLoadState('load');
-      const facts = await page.evaluate(pageFacts);
+      const facts = await withTimeout(page.evaluate(pageFacts), 15_000, 'reading the page');
       const p = run.profile;
       if (facts.lang !== p.lang) problems.push(`<html lang> is ${JSON.stringify(facts.lang)}, expected ${p.lang}`);
       if (facts.viewport !== 'width=device-width, initial-scale=1') problems.push(`viewport meta is ${JSON.stringify(facts.viewport)}`);
@@ -227,6 +227,10 @@ export class Tab {
         if (facts.formInputs.length && !a.id) problems.push('role="alert" without an id on a form page (cannot be tied to fields)');
       }
       if (facts.alerts.length) for (const s of facts.untied) problems.push(`error not tied to field (aria-describedby): ${s}`);
+      // A refused form: the title says so first (what a screen reader reads on arrival).
+      if (facts.alerts.length && facts.formInputs.length && !facts.title.startsWith(this.t('error_title_prefix'))) {
+        problems.push(`the title of a page with a form error does not start with ${JSON.stringify(this.t('error_title_prefix'))}: ${JSON.stringify(facts.title)}`);
+      }
       for (const s of facts.statuses) if (!s) problems.push('empty role="status"');
       if (opts.expectAlert && facts.alerts.length === 0) problems.push('expected an error message (role="alert")');
       if (opts.expectStatus && facts.statuses.length === 0) problems.push('expected a success message (role="status")');
@@ -244,7 +248,7 @@ export class Tab {
       }
       problems.push(...this.redirectProblems.splice(0));
       if (run.js) {
-        for (const v of await runAxe(page)) problems.push(`axe ${v.id} (${v.impact}): ${v.help} — ${v.nodes.join(' ; ')}`);
+        for (const v of await withTimeout(runAxe(page), 30_000, 'axe-core')) problems.push(`axe ${v.id} (${v.impact}): ${v.help} — ${v.nodes.join(' ; ')}`);
       }
       await this.screenshot(name, problems);
     } catch (e) {
@@ -286,6 +290,10 @@ export class Tab {
         if (f.sw > f.cw) problems.push(`horizontal scrolling at 360 px: content is ${f.sw} px wide`);
         const phone = file(`${this.run.label.replace(/ /g, '-')}@360px`);
         await page.screenshot({ path: phone, fullPage: true });
+        // WCAG 1.4.10 (reflow) asks for 320 CSS px: no horizontal scrolling there either.
+        await page.setViewportSize({ width: 320, height: PHONE_VIEWPORT.height });
+        const g = await page.evaluate(() => ({ sw: document.documentElement.scrollWidth, cw: document.documentElement.clientWidth }));
+        if (g.sw > g.cw) problems.push(`horizontal scrolling at 320 px: content is ${g.sw} px wide`);
       } finally {
         await page.setViewportSize(size);
       }
@@ -361,6 +369,17 @@ function pageFacts() {
   }
   facts.statuses = [...document.querySelectorAll('[role="status"]')].map((s) => s.innerText.trim());
   return facts;
+}
+
+/** page.evaluate has no timeout of its own: a hung page fails its check instead of the suite. */
+function withTimeout(promise, ms, what) {
+  let timer;
+  return Promise.race([
+    promise.finally(() => clearTimeout(timer)),
+    new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms / 1000} s`)), ms);
+    }),
+  ]);
 }
 
 async function runAxe(page) {

@@ -35,6 +35,12 @@ pub struct PageQuery {
 
 type Pending = Option<(LoginTransaction, AuthRequest)>;
 
+/// Keeps the student's language across a redirect to our own pages.
+pub fn with_lang(url: &str, locale: Locale) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}lang={}", locale.as_str())
+}
+
 /// How long the hash of the university password typed at a full login stays on the session.
 pub const UNIVERSITY_HASH_LIFETIME: i64 = 15 * 60;
 
@@ -312,7 +318,7 @@ pub async fn login_submit(
         format!("level {level}"),
     )
     .await;
-    let mut response = continue_after_login(&state, pending, &session, &account).await?;
+    let mut response = continue_after_login(&state, pending, &session, &account, locale).await?;
     response.headers_mut().append(
         header::SET_COOKIE,
         set_cookie(&state, SESSION_COOKIE, &cookie, None),
@@ -326,11 +332,15 @@ async fn continue_after_login(
     pending: Pending,
     session: &BrowserSession,
     account: &Account,
+    locale: Locale,
 ) -> Result<Response, PageError> {
     let enrollment = Enrollment::of(account);
     let Some((tx, request)) = pending else {
         return Ok(see_other(
-            &enrollment.page(None).unwrap_or_else(|| "/account".into()),
+            &enrollment
+                .page(None)
+                .map(|p| with_lang(&p, locale))
+                .unwrap_or_else(|| "/account".into()),
         ));
     };
     let client = crate::oidc::clients::find(state, &request.client_id)
@@ -343,7 +353,7 @@ async fn continue_after_login(
         .filter(|_| crate::enroll::required(state, needs_second))
     {
         // No authorization completes until enrollment is finished.
-        return Ok(see_other(&page));
+        return Ok(see_other(&with_lang(&page, locale)));
     }
     let now = state.clock.now();
     match decide(state, &client, &request, Some(session), true, now) {
@@ -502,7 +512,7 @@ pub async fn step_up_submit(
     session.second_password_at = Some(now);
     session.last_seen_at = now;
     state.store.update_session(&session).await?;
-    let mut response = continue_after_login(&state, pending, &session, &account).await?;
+    let mut response = continue_after_login(&state, pending, &session, &account, locale).await?;
     response.headers_mut().append(
         header::SET_COOKIE,
         set_cookie(&state, SESSION_COOKIE, &cookie, None),

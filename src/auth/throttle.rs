@@ -184,14 +184,6 @@ impl Reservation {
     }
 }
 
-/// Also records the second-password level as passed for the account's failure history.
-pub async fn reset_second_password(state: &AppState, account_id: &str) -> StoreResult<()> {
-    state
-        .store
-        .throttle_reset(&second_password_key(state, account_id).key)
-        .await
-}
-
 /// Operator unlock: every counter of the user ID and of the account.
 pub async fn unlock(
     state_store: &crate::store::DynStore,

@@ -122,6 +122,9 @@ pub async fn email_submit(
     let email = normalize_email(params.get("email").unwrap_or(""));
     let confirmation = normalize_email(params.get("email_confirm").unwrap_or(""));
     let mut errors = email_errors(&state, &email, &confirmation);
+    if errors.is_empty() && account.email.as_deref() == Some(email.as_str()) {
+        errors.push("email_same_as_current");
+    }
     if let Err(key) = check_current(
         &state,
         &account,
@@ -408,7 +411,11 @@ pub async fn reset_submit(
         .store
         .set_second_password(&account.id, &hash, now)
         .await?;
-    throttle::reset_second_password(state, &account.id).await?;
+    // Proof of the university password and the mailbox lifts a second-password lock.
+    state
+        .store
+        .throttle_clear(&format!("second:{}", account.id))
+        .await?;
     notify_second_password_changed(state, &account, locale, now).await?;
     state
         .audit(crate::audit::Event {

@@ -181,7 +181,7 @@ pub async fn authorize(
                 let tx = new_transaction(&state, &browser, &request, now).await?;
                 enrollment
                     .page(Some(&tx))
-                    .map(|p| see_other(&p))
+                    .map(|p| see_other(&crate::auth::login::with_lang(&p, locale)))
                     .unwrap_or_else(|| see_other("/login"))
             } else {
                 issue_code(&state, &request, &session, &account, level, auth_time).await?

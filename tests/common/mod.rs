@@ -4,8 +4,10 @@
 
 pub mod backchannel;
 pub mod html;
+pub mod pgcluster;
 pub mod rp;
 pub mod slapd;
+pub mod smtp;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

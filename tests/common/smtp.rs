@@ -457,7 +457,11 @@ async fn converse_inner(inner: &Arc<Inner>, stream: TcpStream) -> std::io::Resul
                         state.messages.len()
                     };
                     inner.arrived.notify_waiters();
-                    reply(&mut writer, &format!("250 2.0.0 Ok: queued as SINK{number}")).await?;
+                    reply(
+                        &mut writer,
+                        &format!("250 2.0.0 Ok: queued as SINK{number}"),
+                    )
+                    .await?;
                 }
                 mail_from = None;
                 rcpt_to.clear();
