@@ -738,11 +738,11 @@ async fn graceful_stop_finishes_an_in_flight_login() {
     let started = Instant::now();
     server.stop().await;
     let stopping = started.elapsed();
-    assert!(
-        in_flight.is_finished(),
-        "stop() returned only after the in-flight request was answered"
-    );
-    let reply = in_flight.await.unwrap();
+    // The answer was written before stop() returned; the client task only has to read it.
+    let reply = tokio::time::timeout(Duration::from_secs(1), in_flight)
+        .await
+        .expect("the in-flight login was answered by the time stop() returned")
+        .expect("the connection was not cut");
     assert_eq!(
         reply.status,
         StatusCode::SERVICE_UNAVAILABLE,
