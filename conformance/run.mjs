@@ -4,8 +4,10 @@
 // Starts a throw-away nidan instance on a free loopback port, then plays both the
 // relying parties (with openid-client + jose, which share none of nidan's code or
 // assumptions) and the student's browser (plain fetch, no redirects followed, our
-// own cookie jar). Covers what the OpenID Foundation's Basic OP, Config OP and
-// RP-Initiated Logout OP plans check, plus nidan's documented protocol decisions.
+// own cookie jar). Covers what the OpenID Foundation's Basic OP, Config OP,
+// RP-Initiated Logout OP and Back-Channel Logout OP plans check (a loopback receiver takes the
+// logout tokens), RFC 9207 iss, the RFC 9470 step-up, and nidan's documented protocol decisions;
+// replays the suite plan configurations of conformance/oidf/ against nidan's pages.
 //
 //   node conformance/run.mjs [--nidan PATH] [--only WORD] [--keep] [--verbose]
 //
@@ -15,6 +17,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes, randomUUID, createHash } from 'node:crypto';
 import fs from 'node:fs';
+import { createServer as createHttpServer } from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -204,6 +207,69 @@ function freePort() {
   });
 }
 
+// ---------------------------------------------------------------------------
+// The back-channel logout receiver: a tiny HTTP server on loopback that records every request
+// (recorded when its body has arrived, before it is answered) and answers per path from a plan
+// (status, delay), 200 once the plan is used up.
+// ---------------------------------------------------------------------------
+
+const receiver = { server: null, origin: null, requests: [], plans: new Map() };
+
+function startReceiver() {
+  return new Promise((resolve, reject) => {
+    const srv = createHttpServer((req, res) => {
+      const chunks = [];
+      req.on('data', (c) => chunks.push(c));
+      req.on('end', () => {
+        const u = new URL(req.url, receiver.origin);
+        const plan = receiver.plans.get(u.pathname) ?? [];
+        const step = plan.length ? plan.shift() : { status: 200 };
+        receiver.requests.push({
+          method: req.method,
+          url: `${receiver.origin}${req.url}`,
+          path: u.pathname,
+          headers: req.headers,
+          body: Buffer.concat(chunks).toString('utf8'),
+          at: Date.now(),
+          answered: step.status,
+        });
+        const answer = () => {
+          if (res.destroyed || res.writableEnded) return;
+          try {
+            res.writeHead(step.status, { 'content-type': 'text/plain', 'cache-control': 'no-store' });
+            res.end(step.status === 200 ? '' : 'receiver says no');
+          } catch {
+            /* the caller gave up (timeout) */
+          }
+        };
+        if (step.delay) setTimeout(answer, step.delay).unref();
+        else answer();
+      });
+      req.on('error', () => {});
+    });
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      receiver.server = srv;
+      receiver.origin = `http://127.0.0.1:${srv.address().port}`;
+      resolve(receiver.origin);
+    });
+  });
+}
+function stopReceiver() {
+  if (!receiver.server) return;
+  receiver.server.closeAllConnections?.();
+  receiver.server.close();
+  receiver.server = null;
+}
+/** The requests the receiver got on a path, oldest first. */
+const deliveries = (pathname) => receiver.requests.filter((r) => r.path === pathname);
+/** Waits (bounded) until a path has at least n requests; returns them. */
+async function waitForDeliveries(pathname, n, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  while (deliveries(pathname).length < n && Date.now() < deadline) await sleep(50);
+  return deliveries(pathname);
+}
+
 function childEnv() {
   const env = {};
   for (const [k, v] of Object.entries(process.env)) if (!k.startsWith('NIDAN_')) env[k] = v;
@@ -281,6 +347,8 @@ function clientToml(rp, dir) {
     scopes: ALL_SCOPES,
     id_token_signed_response_alg: rp.alg === 'RS256' ? undefined : rp.alg,
     jwks: rp.publicJwk ? { keys: [rp.publicJwk] } : undefined,
+    backchannel_logout_uri: rp.backchannelUri,
+    backchannel_logout_session_required: rp.backchannelUri ? true : undefined,
   };
   return `[[clients]]\n${tomlTable(c)}\n`;
 }
@@ -298,6 +366,13 @@ async function prepareInstance(bin) {
   r.public = await makeRp('rp-public', 'none', { grants: ['authorization_code', 'refresh_token'] });
   r.es256 = await makeRp('rp-es256', 'client_secret_basic', { alg: 'ES256' });
   r.eddsa = await makeRp('rp-eddsa', 'client_secret_basic', { alg: 'EdDSA' });
+  // Back-channel logout clients: their URIs point at the runner's own loopback receiver and carry
+  // a query string that must come back exactly as registered.
+  const rx = await startReceiver();
+  const bcGrants = { grants: ['authorization_code', 'refresh_token'] };
+  r.bc = await makeRp('rp-bc', 'client_secret_basic', { ...bcGrants, backchannelUri: `${rx}/bc?tenant=x` });
+  r.bcRetry = await makeRp('rp-bc-retry', 'client_secret_basic', { ...bcGrants, alg: 'ES256', backchannelUri: `${rx}/bc-retry?tenant=y` });
+  r.bcSlow = await makeRp('rp-bc-slow', 'client_secret_basic', { ...bcGrants, backchannelUri: `${rx}/bc-slow?tenant=z` });
 
   fs.writeFileSync(path.join(dir, 'kek'), `${randomBytes(32).toString('base64')}\n`, { mode: 0o600 });
   for (const rp of Object.values(r)) {
@@ -1796,6 +1871,989 @@ async function logoutChecks() {
 }
 
 // ---------------------------------------------------------------------------
+// Back-channel logout (OpenID Connect Back-Channel Logout 1.0)
+// ---------------------------------------------------------------------------
+
+const BCL_EVENT = 'http://schemas.openid.net/event/backchannel-logout';
+
+function decodeDelivery(entry) {
+  const params = new URLSearchParams(entry.body);
+  const token = params.get('logout_token');
+  let header = null;
+  let claims = null;
+  try {
+    header = jose.decodeProtectedHeader(token);
+    claims = jose.decodeJwt(token);
+  } catch {
+    /* reported by the checks */
+  }
+  return { params, token, header, claims };
+}
+
+/**
+ * Named checks of one delivered logout token; each returns a problem string or null.
+ * ctx: { rp, sid, sub, after (ms: the logout was sent after this) }.
+ */
+function logoutTokenChecks(entry, ctx) {
+  const d = decodeDelivery(entry);
+  const h = d.header ?? {};
+  const c = d.claims ?? {};
+  const t = now();
+  return {
+    [`POSTed to the registered URI exactly as registered, query included (${new URL(ctx.rp.backchannelUri).pathname}${new URL(ctx.rp.backchannelUri).search})`]: () =>
+      entry.method === 'POST' && entry.url === ctx.rp.backchannelUri ? null : `${entry.method} ${entry.url}`,
+    'body is application/x-www-form-urlencoded with logout_token as its only parameter (§2.5)': () => {
+      const ct = entry.headers['content-type'] ?? '';
+      if (!/^application\/x-www-form-urlencoded\b/i.test(ct)) return `content-type ${show(ct)}`;
+      const keys = [...d.params.keys()];
+      return keys.length === 1 && keys[0] === 'logout_token' && d.token ? null : `parameters ${show(keys)}`;
+    },
+    'a JWT whose header typ is "logout+jwt"': () => {
+      if (!d.header) return `not a JWT: ${show(d.token)}`;
+      return h.typ === 'logout+jwt' ? null : `typ ${show(h.typ)}`;
+    },
+    [`signed with the client's algorithm (${ctx.rp.alg}) by a key from jwks_uri (§2.4)`]: async () => {
+      if (h.alg !== ctx.rp.alg) return `alg ${show(h.alg)}, expected ${ctx.rp.alg}`;
+      if (!h.kid) return 'no kid in the header';
+      await jose.jwtVerify(d.token, jwks(), {
+        algorithms: [h.alg],
+        typ: 'logout+jwt',
+        issuer: state.issuer,
+        audience: ctx.rp.id,
+        clockTolerance: 5,
+      });
+      return null;
+    },
+    'iss is the issuer': () => (c.iss === state.issuer ? null : `iss ${show(c.iss)}`),
+    'aud is the client_id': () => {
+      const aud = Array.isArray(c.aud) ? c.aud : [c.aud];
+      return aud.includes(ctx.rp.id) ? null : `aud ${show(c.aud)}`;
+    },
+    'iat is the time of the logout': () =>
+      Number.isInteger(c.iat) && c.iat >= Math.floor(ctx.after / 1000) - 5 && c.iat <= t + 5 ? null : `iat ${show(c.iat)}, now ${t}`,
+    'exp is after iat and at most 2 minutes after it': () =>
+      Number.isInteger(c.exp) && c.exp > c.iat && c.exp - c.iat <= 120 ? null : `iat ${show(c.iat)}, exp ${show(c.exp)}`,
+    'jti is present': () => (typeof c.jti === 'string' && c.jti.length > 0 ? null : `jti ${show(c.jti)}`),
+    'sid is the sid of the ID token (backchannel_logout_session_required)': () => (c.sid === ctx.sid ? null : `sid ${show(c.sid)}, ID token sid ${show(ctx.sid)}`),
+    'sub is the sub of the ID token': () => (c.sub === ctx.sub ? null : `sub ${show(c.sub)}, ID token sub ${show(ctx.sub)}`),
+    'events holds exactly the back-channel logout event, as an empty object': () => {
+      const e = c.events;
+      if (!e || typeof e !== 'object' || Array.isArray(e)) return `events ${show(e)}`;
+      const keys = Object.keys(e);
+      if (keys.length !== 1 || keys[0] !== BCL_EVENT) return `events ${show(e)}`;
+      const v = e[BCL_EVENT];
+      return v && typeof v === 'object' && !Array.isArray(v) && Object.keys(v).length === 0 ? null : `events ${show(e)}`;
+    },
+    'no nonce (§2.4: a logout token must not contain one)': () => ('nonce' in c ? `nonce ${show(c.nonce)}` : null),
+  };
+}
+async function logoutTokenTests(prefix, entry, ctx) {
+  for (const [name, check] of Object.entries(logoutTokenChecks(entry, ctx))) {
+    await test(`${prefix}${name}`, async () => {
+      const p = await check();
+      if (p) throw new Error(p);
+    });
+  }
+}
+async function logoutTokenAllGood(entry, ctx) {
+  const problems = [];
+  for (const [name, check] of Object.entries(logoutTokenChecks(entry, ctx))) {
+    try {
+      const p = await check();
+      if (p) problems.push(`${name}: ${p}`);
+    } catch (e) {
+      problems.push(`${name}: ${describeError(e)}`);
+    }
+  }
+  if (problems.length) throw new Error(problems.join('; '));
+}
+const jtiOf = (entry) => decodeDelivery(entry).claims?.jti;
+
+async function backchannelChecks() {
+  section('Back-channel logout OP');
+  const { bc, bcRetry, bcSlow } = state.rps;
+  const endSession = (b, rp, idToken, st) =>
+    b.request(client.buildEndSessionUrl(rp.config, { id_token_hint: idToken, post_logout_redirect_uri: rp.postLogout, state: st }).href);
+  const redirectedBack = (r, rp, st) => {
+    assert(isRedirect(r.status), `logout answered HTTP ${r.status}: ${summary(r)}`);
+    const loc = new URL(r.location);
+    eq(`${loc.origin}${loc.pathname}`, rp.postLogout, 'redirect target');
+    eq(loc.searchParams.get('state'), st, 'state');
+  };
+  const sessionGone = async (b, rp) => expectAuthError(await authError(rp, { prompt: 'none' }, { browser: b, user: null }), 'login_required');
+  await test('discovery: backchannel_logout_supported and backchannel_logout_session_supported are true', async () => {
+    eq(state.meta.backchannel_logout_supported, true, 'backchannel_logout_supported');
+    eq(state.meta.backchannel_logout_session_supported, true, 'backchannel_logout_session_supported');
+  });
+
+  // A receiver that refuses first: started early so that its retry runs while the rest is checked.
+  receiver.plans.set('/bc-retry', [{ status: 500 }]);
+  const retry = await test('rp-bc-retry (ES256, receiver answers 500 at first): login, then RP-initiated logout completes', async () => {
+    const b = new Browser();
+    const f = await codeFlow(bcRetry, { browser: b });
+    const st = client.randomState();
+    const sent = Date.now();
+    redirectedBack(await endSession(b, bcRetry, f.tokens.id_token, st), bcRetry, st);
+    const got = deliveries('/bc-retry');
+    assert(got.length === 1 && got[0].answered === 500, `receiver saw ${got.length} deliveries before the answer`);
+    return { f, sent };
+  });
+
+  // A receiver that does not answer: nidan's 2-second timeout must bound the logout.
+  receiver.plans.set('/bc-slow', [{ status: 200, delay: 6000 }]);
+  const slow = await test('a receiver that does not answer holds the logout at most about 2 s (the delivery timeout)', async () => {
+    const b = new Browser();
+    const f = await codeFlow(bcSlow, { browser: b });
+    const st = client.randomState();
+    const t0 = Date.now();
+    const r = await endSession(b, bcSlow, f.tokens.id_token, st);
+    const took = Date.now() - t0;
+    redirectedBack(r, bcSlow, st);
+    eq(deliveries('/bc-slow').length, 1, 'deliveries to the slow receiver');
+    assert(took < 4000, `the logout took ${took} ms (receiver answers after 6000 ms; PRODUCT.md: 2 s timeout each)`);
+    return { f, sent: t0 };
+  });
+
+  // The plain case: rp-bc, RP-initiated logout with id_token_hint.
+  const b1 = new Browser();
+  const f1 = await test('rp-bc: login; the ID token carries sid', async () => {
+    const f = await codeFlow(bc, { browser: b1 });
+    assert(typeof f.claims.sid === 'string' && f.claims.sid, `sid ${show(f.claims.sid)}`);
+    return f;
+  });
+  let sentAt = 0;
+  const out = await test('RP-initiated logout with id_token_hint: redirect to post_logout_redirect_uri with state', async () => {
+    const f = need(f1, 'the rp-bc login');
+    const st = client.randomState();
+    sentAt = Date.now();
+    redirectedBack(await endSession(b1, bc, f.tokens.id_token, st), bc, st);
+    return true;
+  });
+  const first = await test('  … exactly one logout token was POSTed to rp-bc, before the logout answered', async () => {
+    need(out, 'the logout');
+    const got = deliveries('/bc');
+    eq(got.length, 1, 'deliveries to rp-bc');
+    return got[0];
+  });
+  if (first) await logoutTokenTests('  … logout token: ', first, { rp: bc, sid: f1.claims.sid, sub: f1.claims.sub, after: sentAt });
+  else await test('  … logout token checks', async () => skip('needs the delivered token'));
+  await test('  … the session has ended (prompt=none gives login_required)', async () => {
+    need(out, 'the logout');
+    await sessionGone(b1, bc);
+  });
+  await test('  … a second logout request without a session sends no further token', async () => {
+    need(first, 'the first delivery');
+    const r = await endSession(b1, bc, f1.tokens.id_token, 'again');
+    assert(r.status < 500, `HTTP ${r.status}`);
+    eq(deliveries('/bc').length, 1, 'deliveries to rp-bc');
+  });
+
+  // The menu's logout button (POST with csrf from /account).
+  const b2 = new Browser();
+  const menu = await test('menu logout: after a login with the second password, /account shows the menu with a logout form (POST, csrf)', async () => {
+    if (!state.enrolled) skip('the test student could not be enrolled');
+    const f = await codeFlow(bc, { browser: b2, typeSecond: true, expectPages: ['login'] });
+    eq(f.claims.acr, ACR_SECOND, 'acr');
+    const page = await b2.request(`${state.issuer}/account`);
+    eq(page.status, 200, `/account status (${summary(page)})`);
+    const form = parseForms(page.text, page.url).find((fm) => new URL(fm.action).pathname === '/logout' && fm.method === 'POST' && 'csrf' in fm.hidden);
+    assert(form, 'no POST form to /logout with a csrf field on /account');
+    return { f, form };
+  });
+  const menuOut = await test('  … posting it ends the session and answers without an error', async () => {
+    const { form } = need(menu, 'the menu page');
+    const before = deliveries('/bc').length;
+    const t0 = Date.now();
+    const r = await b2.request(form.action, { method: 'POST', form: { ...form.hidden, ...form.submit } });
+    assert(r.status === 200 || isRedirect(r.status), `HTTP ${r.status}: ${summary(r)}`);
+    if (r.location) assert(new URL(r.location).origin === new URL(state.issuer).origin, `redirected off-site to ${r.location}`);
+    await sessionGone(b2, bc);
+    return { before, t0 };
+  });
+  await test('  … and delivered one logout token for that session before answering (sid, sub, signature, claims)', async () => {
+    const { before, t0 } = need(menuOut, 'the menu logout');
+    const got = deliveries('/bc');
+    eq(got.length, before + 1, 'deliveries to rp-bc');
+    const entry = got[got.length - 1];
+    await logoutTokenAllGood(entry, { rp: bc, sid: menu.f.claims.sid, sub: menu.f.claims.sub, after: t0 });
+    assert(jtiOf(entry) !== jtiOf(got[0]), 'jti repeated from the earlier logout token');
+  });
+
+  // Another student signing in on the same browser logs the first one out everywhere.
+  const b3 = new Browser();
+  const other = await test('another student signing in on the same browser: the first student\'s session is notified (sid, sub)', async () => {
+    const f = await codeFlow(bc, { browser: b3 });
+    const before = deliveries('/bc').length;
+    const t0 = Date.now();
+    const g = await codeFlow(bc, { browser: b3, user: USER2, extra: { prompt: 'login' }, expectPages: ['login'] });
+    const got = deliveries('/bc');
+    eq(got.length, before + 1, 'deliveries to rp-bc');
+    await logoutTokenAllGood(got[got.length - 1], { rp: bc, sid: f.claims.sid, sub: f.claims.sub, after: t0 });
+    return { f, g };
+  });
+  await test('  … and the new student gets another sid', async () => {
+    const { f, g } = need(other, 'the second sign-in');
+    assert(g.claims.sid !== f.claims.sid, `same sid ${show(f.claims.sid)} for two students`);
+    assert(g.claims.sub !== f.claims.sub, 'same sub for two students');
+  });
+
+  // Back to the retries.
+  const retried = await test('the delivery refused with 500 is retried from the outbox within a few seconds, with a freshly signed token (new jti)', async () => {
+    const { f, sent } = need(retry, 'the refused delivery');
+    const got = await waitForDeliveries('/bc-retry', 2, 10_000);
+    assert(got.length >= 2, `no retry within ${Math.round((Date.now() - sent) / 1000)} s of the logout`);
+    const [a, b] = got;
+    assert(jtiOf(a) && jtiOf(b) && jtiOf(a) !== jtiOf(b), `jti ${show(jtiOf(a))} then ${show(jtiOf(b))}`);
+    await logoutTokenAllGood(b, { rp: bcRetry, sid: f.claims.sid, sub: f.claims.sub, after: sent });
+    assert(decodeDelivery(b).claims.iat >= decodeDelivery(a).claims.iat, 'the retried token is older than the first');
+    return b;
+  });
+  await test('  … the refused first token was a valid logout token too (ES256)', async () => {
+    const { f, sent } = need(retry, 'the refused delivery');
+    await logoutTokenAllGood(deliveries('/bc-retry')[0], { rp: bcRetry, sid: f.claims.sid, sub: f.claims.sub, after: sent });
+  });
+  await test('the delivery that timed out is retried with a freshly signed token (new jti)', async () => {
+    const { f, sent } = need(slow, 'the timed-out delivery');
+    const got = await waitForDeliveries('/bc-slow', 2, 10_000);
+    assert(got.length >= 2, 'no retry after the timeout');
+    assert(jtiOf(got[0]) !== jtiOf(got[1]), 'jti repeated');
+    await logoutTokenAllGood(got[1], { rp: bcSlow, sid: f.claims.sid, sub: f.claims.sub, after: sent });
+  });
+  await test('a delivery answered 200 is not sent again; each receiver got only its own sessions\' tokens', async () => {
+    const b = need(retried, 'the retried delivery');
+    const wait = b.at + 2500 - Date.now(); // the next retry would have been due 2 s after the second attempt
+    if (wait > 0) await sleep(wait);
+    eq(deliveries('/bc-retry').length, 2, 'deliveries to rp-bc-retry');
+    eq(deliveries('/bc').length, 3, 'deliveries to rp-bc (RP-initiated, menu, another student)');
+    const stray = receiver.requests.filter((r) => !['/bc', '/bc-retry', '/bc-slow'].includes(r.path));
+    eq(stray.length, 0, 'requests to unregistered paths');
+  });
+}
+
+// ---------------------------------------------------------------------------
+// RFC 9207: iss in every authorization response
+// ---------------------------------------------------------------------------
+
+async function issChecks() {
+  section('RFC 9207 authorization response iss');
+  const { basic } = state.rps;
+  await test('discovery: authorization_response_iss_parameter_supported is true', async () =>
+    eq(state.meta.authorization_response_iss_parameter_supported, true, 'authorization_response_iss_parameter_supported'));
+  await test('success response: iss exactly once, equal to the issuer', async () => {
+    const f = await codeFlow(basic);
+    eq(show(f.callback.searchParams.getAll('iss')), show([state.issuer]), 'iss values');
+  });
+  await test('error response (prompt=none without a session → login_required): iss exactly once', async () => {
+    const r = await authError(basic, { prompt: 'none' }, { user: null });
+    expectAuthError(r, 'login_required');
+    eq(show(r.params.getAll('iss')), show([state.issuer]), 'iss values');
+  });
+  await test('error response (invalid_scope): iss exactly once', async () => {
+    const r = await authError(basic, { scope: 'openid no-such-scope' });
+    expectAuthError(r, 'invalid_scope');
+    eq(show(r.params.getAll('iss')), show([state.issuer]), 'iss values');
+  });
+  await test('error response from a registered redirect URI with a query keeps the query and adds iss', async () => {
+    const st = client.randomState();
+    const url = authUrl({ client_id: basic.id, response_type: 'code', redirect_uri: basic.redirectUriQ, scope: 'openid', state: st, prompt: 'none' });
+    const r = await authorize(new Browser(), url, basic.redirectUriQ, null);
+    const p = r.callback.searchParams;
+    eq(p.get('x'), '1', 'the registered query parameter');
+    eq(p.get('error'), 'login_required', 'error');
+    eq(p.get('iss'), state.issuer, 'iss');
+  });
+  // openid-client checks iss because discovery says it is supported: prove that the check is real.
+  const fresh = async () => {
+    const st = client.randomState();
+    const nonce = client.randomNonce();
+    const url = client.buildAuthorizationUrl(basic.config, { redirect_uri: basic.redirectUri, scope: 'openid', state: st, nonce });
+    const r = await authorize(new Browser(), url.href, basic.redirectUri, USER1);
+    return { cb: r.callback, st, nonce };
+  };
+  await test('openid-client refuses the response with iss removed, and with another iss (the RP-side check is real)', async () => {
+    const { cb, st, nonce } = await fresh();
+    for (const [what, mutate] of [
+      ['iss removed', (u) => u.searchParams.delete('iss')],
+      ['another iss', (u) => u.searchParams.set('iss', 'http://127.0.0.1:9/other')],
+    ]) {
+      const u = new URL(cb);
+      mutate(u);
+      let refused = false;
+      try {
+        await client.authorizationCodeGrant(basic.config, u, { expectedState: st, expectedNonce: nonce });
+      } catch {
+        refused = true;
+      }
+      assert(refused, `openid-client accepted the response with ${what}`);
+    }
+    const t = await client.authorizationCodeGrant(basic.config, cb, { expectedState: st, expectedNonce: nonce });
+    assert(t.id_token, 'the untouched response did not work');
+  });
+}
+
+// ---------------------------------------------------------------------------
+// RFC 9470 step-up: acr_values, max_age, essential acr, introspection
+// ---------------------------------------------------------------------------
+
+async function stepUpChecks() {
+  section('RFC 9470 step-up (acr_values, max_age, introspection)');
+  const { basic } = state.rps;
+  const enrolled = () => {
+    if (!state.enrolled) skip('the test student could not be enrolled (nidan user import failed)');
+  };
+  const introspectMatches = async (f) => {
+    const i = await introspect(f.tokens.access_token);
+    eq(i.active, true, 'active');
+    eq(i.acr, f.claims.acr, 'introspection acr');
+    eq(i.auth_time, f.claims.auth_time, 'introspection auth_time');
+  };
+
+  // A password-level session, then the step-up page by hand.
+  const bA = new Browser();
+  const low = await test('a client without min_acr, empty second password: acr urn:nidan:acr:password', async () => {
+    const f = await codeFlow(basic, { browser: bA, expectPages: ['login'] });
+    eq(f.claims.acr, ACR_PASSWORD, 'acr');
+    return f;
+  });
+  await test('  … introspection returns the same acr and auth_time as the ID token', async () => introspectMatches(need(low, 'the login')));
+  const stepUpReq = await test('acr_values=second-password on that session: 303 to /login/step-up (not the full login page)', async () => {
+    need(low, 'the password-level session');
+    enrolled();
+    await sleep(1100); // a newer auth_time must be visible
+    const st = client.randomState();
+    const nonce = client.randomNonce();
+    const url = client.buildAuthorizationUrl(basic.config, { redirect_uri: basic.redirectUri, scope: 'openid profile', state: st, nonce, acr_values: ACR_SECOND });
+    const r = await bA.request(url.href);
+    assert(isRedirect(r.status) && r.location, `HTTP ${r.status}: ${summary(r)}`);
+    eq(new URL(r.location).pathname, '/login/step-up', 'redirect target');
+    const page = await bA.request(r.location);
+    eq(page.status, 200, `step-up page status (${summary(page)})`);
+    return { page, st, nonce };
+  });
+  await test('  … the step-up page asks only for the second password: one form, second_password + csrf/tx, no username or password field (not even hidden)', async () => {
+    const { page } = need(stepUpReq, 'the step-up page');
+    const forms = parseForms(page.text, page.url).filter((fm) => fm.method === 'POST' && new URL(fm.action).pathname.startsWith('/login'));
+    eq(forms.length, 1, 'login forms on the page');
+    const form = forms[0];
+    eq(new URL(form.action).pathname, '/login/step-up', 'form action');
+    assert(form.names.has('second_password') && 'csrf' in form.hidden && 'tx' in form.hidden, `fields ${show([...form.names])}`);
+    const extra = [...form.names].filter((n) => !['second_password', 'csrf', 'tx', 'lang'].includes(n));
+    eq(show(extra), '[]', 'other fields');
+    assert(!/\bname\s*=\s*["']?(username|password)["'\s>]/i.test(page.text), 'a username or password field is on the step-up page');
+    const input = page.text.match(/<input\b[^>]*\bname\s*=\s*["']second_password["'][^>]*>/i)?.[0] ?? '';
+    eq(attrs(input).type, 'password', 'type of the second_password field');
+  });
+  const stepped = await test('  … posting the second password completes the request: code, state, iss; acr second-password, newer auth_time, same sid', async () => {
+    const { page, st, nonce } = need(stepUpReq, 'the step-up page');
+    const form = parseForms(page.text, page.url).find((fm) => fm.names.has('second_password'));
+    const r = await bA.request(form.action, { method: 'POST', form: { ...form.hidden, ...form.submit, second_password: USER1.secondPassword } });
+    eq(r.status, 303, `status of the step-up POST (${summary(r)})`);
+    const cb = new URL(r.location);
+    eq(`${cb.origin}${cb.pathname}`, basic.redirectUri, 'redirect target');
+    eq(cb.searchParams.get('iss'), state.issuer, 'iss');
+    const tokens = await client.authorizationCodeGrant(basic.config, cb, { expectedState: st, expectedNonce: nonce });
+    const c = tokens.claims();
+    const l = low.claims;
+    eq(c.acr, ACR_SECOND, 'acr');
+    assert(c.auth_time > l.auth_time, `auth_time ${c.auth_time} is not after ${l.auth_time}`);
+    eq(c.sid, l.sid, 'sid');
+    eq(c.sub, l.sub, 'sub');
+    assert(c.amr?.includes('pwd') && !c.amr.includes('mfa'), `amr ${show(c.amr)}`);
+    return { tokens, claims: c };
+  });
+  await test('  … introspection of the stepped-up access token returns acr second-password and the same auth_time', async () =>
+    introspectMatches(need(stepped, 'the stepped-up tokens')));
+  await test('prompt=none asking for the second-password level from the stepped-up session: a code, no page, same auth_time', async () => {
+    const s = need(stepped, 'the stepped-up session').claims;
+    const f = await codeFlow(basic, { browser: bA, user: null, expectPages: [], extra: { prompt: 'none', acr_values: ACR_SECOND } });
+    eq(f.claims.acr, ACR_SECOND, 'acr');
+    eq(f.claims.auth_time, s.auth_time, 'auth_time');
+  });
+
+  // acr_values lists acceptable levels; an essential acr claim raises the level.
+  const bB = new Browser();
+  const lowB = await test('acr_values listing both levels on a password session: the lower level is enough (no page, acr password)', async () => {
+    await codeFlow(basic, { browser: bB, expectPages: ['login'] });
+    const f = await codeFlow(basic, { browser: bB, expectPages: [], extra: { acr_values: `${ACR_PASSWORD} ${ACR_SECOND}` } });
+    eq(f.claims.acr, ACR_PASSWORD, 'acr');
+    return f;
+  });
+  await test('claims={"id_token":{"acr":{"essential":true,"value":"…second-password"}}} behaves like acr_values: the step-up page only', async () => {
+    need(lowB, 'the password session');
+    enrolled();
+    const claims = JSON.stringify({ id_token: { acr: { essential: true, value: ACR_SECOND } } });
+    const f = await codeFlow(basic, { browser: bB, extra: { claims }, expectPages: ['step-up'] });
+    eq(f.claims.acr, ACR_SECOND, 'acr');
+    eq(f.claims.sid, lowB.claims.sid, 'sid');
+    await introspectMatches(f);
+  });
+
+  // max_age and prompt=login on second-password sessions (levels.rs decide(): the university
+  // password is checked against max_age first — too old: the full login page; fresh enough but the
+  // second password too old: the step-up page only).
+  const bC = new Browser();
+  const bD = new Browser();
+  const bE = new Browser();
+  const both = await test('three sessions signed in with all three fields: acr second-password', async () => {
+    enrolled();
+    const out = [];
+    for (const b of [bC, bD, bE]) {
+      const f = await codeFlow(basic, { browser: b, typeSecond: true, extra: { acr_values: ACR_SECOND }, expectPages: ['login'] });
+      eq(f.claims.acr, ACR_SECOND, 'acr');
+      out.push(f);
+    }
+    return out;
+  });
+  if (both) await sleep(2100); // both checks of the three sessions are now older than max_age=1
+  const fresher = await test('after 2 s, prompt=login on one session: the full login page; the university password is typed again (second password empty)', async () => {
+    const [c] = need(both, 'the sessions');
+    const f = await codeFlow(basic, { browser: bC, extra: { prompt: 'login' }, expectPages: ['login'] });
+    assert(f.claims.auth_time > c.claims.auth_time, `auth_time ${f.claims.auth_time} not after ${c.claims.auth_time}`);
+    return f;
+  });
+  await test('  … then max_age=1 + acr_values=second-password: university password within max_age, second password older: the step-up page only', async () => {
+    const p = need(fresher, 'the fresh university password');
+    const f = await codeFlow(basic, { browser: bC, maxAge: 1, extra: { acr_values: ACR_SECOND }, expectPages: ['step-up'] });
+    eq(f.claims.acr, ACR_SECOND, 'acr');
+    assert(f.claims.auth_time >= p.claims.auth_time, `auth_time ${f.claims.auth_time} before ${p.claims.auth_time}`);
+    eq(f.claims.sid, p.claims.sid, 'sid');
+    await introspectMatches(f);
+  });
+  const maxB = both
+    ? await codeFlow(basic, { browser: bD, maxAge: 1, extra: { acr_values: ACR_SECOND } }).catch((e) => ({ error: e }))
+    : null;
+  await test('max_age=1 + acr_values=second-password, both checks older than 1 s: the full login page first', async () => {
+    const f = need(maxB, 'the sessions');
+    if (f.error && !f.pages) throw f.error;
+    eq(f.pages[0], 'login', 'first page');
+  });
+  await test('  … and the second password, older than max_age, is asked again when left empty (login, then step-up)', async () => {
+    const f = need(maxB, 'the sessions');
+    if (f.error) throw f.error;
+    const c = f.claims;
+    const d = both[1].claims;
+    eq(f.pages.join(','), 'login,step-up', `pages shown to the student (nidan answered acr ${c.acr}, auth_time ${c.auth_time}; the second password was typed at ${d.auth_time}, ${c.auth_time - d.auth_time} s earlier, max_age=1)`);
+    eq(c.acr, ACR_SECOND, 'acr');
+    assert(f.claims.auth_time >= now() - 10, `auth_time ${f.claims.auth_time} is not recent`);
+  });
+  const max0 = both
+    ? await codeFlow(basic, { browser: bE, maxAge: 0, extra: { acr_values: ACR_SECOND } }).catch((e) => ({ error: e }))
+    : null;
+  await test('max_age=0 with acr_values=second-password on a second-password session: the full login page first', async () => {
+    const f = need(max0, 'the sessions');
+    if (f.error && !f.pages) throw f.error;
+    eq(f.pages[0], 'login', 'first page');
+  });
+  await test('  … and, the second password being older than max_age=0, it is asked again when left empty (login, then step-up)', async () => {
+    const f = need(max0, 'the sessions');
+    if (f.error) throw f.error;
+    const c = f.claims;
+    const e = both[2].claims;
+    eq(f.pages.join(','), 'login,step-up', `pages shown to the student (nidan answered acr ${c.acr}, auth_time ${c.auth_time}; the second password was typed at ${e.auth_time}, ${c.auth_time - e.auth_time} s earlier, max_age=0)`);
+    eq(c.acr, ACR_SECOND, 'acr');
+  });
+  await test('prompt=login + acr_values=second-password on a second-password session: the full login page, then acr second-password', async () => {
+    const [, d] = need(both, 'the sessions');
+    const f = await codeFlow(basic, { browser: bD, extra: { prompt: 'login', acr_values: ACR_SECOND } });
+    eq(f.pages[0], 'login', 'first page');
+    eq(f.claims.acr, ACR_SECOND, 'acr');
+    assert(f.claims.auth_time > d.claims.auth_time, `auth_time ${f.claims.auth_time} not after ${d.claims.auth_time}`);
+    await introspectMatches(f);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// OpenID Foundation plan configurations (conformance/oidf/): checked offline by replaying their
+// scripted-browser steps against nidan's real pages, the way the suite's BrowserControl runs them
+// (match a block by URL, run each task whose URL pattern matches, "text" types like sendKeys,
+// "click" submits the button's form, "wait" looks for an element and a regular expression).
+// The suite's own pages (callback, post_logout_redirect) are never fetched: only their URLs are
+// compared with the patterns.
+// ---------------------------------------------------------------------------
+
+const VOID_TAGS = new Set(['area', 'base', 'br', 'col', 'embed', 'hr', 'img', 'input', 'link', 'meta', 'param', 'source', 'track', 'wbr']);
+
+/** A small HTML tree: { tag, attrs, children, parent } elements and { text } nodes. */
+function parseHtml(html) {
+  const root = { tag: '#root', attrs: {}, children: [], parent: null };
+  let cur = root;
+  const re = /<!--[\s\S]*?-->|<!doctype[^>]*>|<(script|style)\b[^>]*>[\s\S]*?<\/\1\s*>|<\/([a-zA-Z][\w-]*)\s*>|<([a-zA-Z][\w-]*)\b((?:[^>"']|"[^"]*"|'[^']*')*)>|([^<]+)/gi;
+  let m;
+  while ((m = re.exec(html))) {
+    if (m[2]) {
+      const tag = m[2].toLowerCase();
+      let n = cur;
+      while (n && n.tag !== tag) n = n.parent;
+      if (n && n.parent) cur = n.parent;
+    } else if (m[3]) {
+      const tag = m[3].toLowerCase();
+      const el = { tag, attrs: attrs(`<x${m[4]}>`), children: [], parent: cur };
+      cur.children.push(el);
+      if (!VOID_TAGS.has(tag) && !/\/\s*$/.test(m[4])) cur = el;
+    } else if (m[5]) {
+      cur.children.push({ text: decodeEntities(m[5]) });
+    }
+  }
+  return root;
+}
+function* elementsOf(node) {
+  for (const c of node.children ?? []) {
+    if (c.tag) {
+      yield c;
+      yield* elementsOf(c);
+    }
+  }
+}
+const textOf = (el) => (el.children ?? []).map((c) => (c.tag ? textOf(c) : c.text)).join('');
+
+/** CSS selectors: compounds of tag, #id, .class, [attr], [attr=value], with descendant and child combinators, comma lists. */
+function parseSelector(selector) {
+  const alternatives = [];
+  let parts = [];
+  let buf = '';
+  let comb = ' ';
+  let depth = 0;
+  let quote = null;
+  const flush = () => {
+    if (buf) parts.push({ comb, compound: parseCompound(buf) });
+    buf = '';
+  };
+  for (const ch of `${selector} `) {
+    if (quote) {
+      buf += ch;
+      if (ch === quote) quote = null;
+    } else if (ch === '"' || ch === "'") {
+      quote = ch;
+      buf += ch;
+    } else if (ch === '[') {
+      depth++;
+      buf += ch;
+    } else if (ch === ']') {
+      depth--;
+      buf += ch;
+    } else if (depth === 0 && (ch === ' ' || ch === '>' || ch === ',')) {
+      if (buf) {
+        flush();
+        comb = ' ';
+      }
+      if (ch === '>') comb = '>';
+      if (ch === ',') {
+        alternatives.push(parts);
+        parts = [];
+        comb = ' ';
+      }
+    } else buf += ch;
+  }
+  if (parts.length) alternatives.push(parts);
+  return alternatives;
+}
+function parseCompound(s) {
+  const c = { tag: null, id: null, classes: [], attrs: [] };
+  const re = /^([a-zA-Z][\w-]*|\*)|#([\w-]+)|\.([\w-]+)|\[\s*([\w-]+)\s*(?:=\s*(?:"([^"]*)"|'([^']*)'|([^\]\s]+)))?\s*\]/g;
+  let m;
+  let consumed = 0;
+  while ((m = re.exec(s))) {
+    if (m.index !== consumed) break;
+    consumed = re.lastIndex;
+    if (m[1]) c.tag = m[1] === '*' ? null : m[1].toLowerCase();
+    else if (m[2]) c.id = m[2];
+    else if (m[3]) c.classes.push(m[3]);
+    else if (m[4]) c.attrs.push({ name: m[4].toLowerCase(), value: m[5] ?? m[6] ?? m[7] });
+  }
+  if (consumed !== s.length) throw new Error(`unsupported CSS selector part ${show(s)}`);
+  return c;
+}
+function matchCompound(el, c) {
+  if (c.tag && el.tag !== c.tag) return false;
+  if (c.id && el.attrs.id !== c.id) return false;
+  const classes = (el.attrs.class ?? '').split(/\s+/);
+  if (!c.classes.every((x) => classes.includes(x))) return false;
+  return c.attrs.every((a) => a.name in el.attrs && (a.value === undefined || el.attrs[a.name] === a.value));
+}
+function matchComplex(el, parts, i) {
+  if (!el.tag || el.tag === '#root' || !matchCompound(el, parts[i].compound)) return false;
+  if (i === 0) return true;
+  if (parts[i].comb === '>') return matchComplex(el.parent, parts, i - 1);
+  for (let a = el.parent; a && a.tag !== '#root'; a = a.parent) if (matchComplex(a, parts, i - 1)) return true;
+  return false;
+}
+/** Elements for a suite selector type (id, name, css, class). */
+function selectElements(root, by, target) {
+  const all = [...elementsOf(root)];
+  if (by === 'id') return all.filter((e) => e.attrs.id === target);
+  if (by === 'name') return all.filter((e) => e.attrs.name === target);
+  if (by === 'class') return all.filter((e) => (e.attrs.class ?? '').split(/\s+/).includes(target));
+  if (by === 'css') {
+    const alts = parseSelector(target);
+    return all.filter((e) => alts.some((parts) => matchComplex(e, parts, parts.length - 1)));
+  }
+  throw new Error(`selector type ${show(by)} is not emulated here`);
+}
+/** Spring's PatternMatchUtils.simpleMatch, which the suite uses for "match": '*' is any text. */
+function simpleMatch(pattern, text) {
+  const re = pattern.split('*').map((p) => p.replace(/[.+?^${}()|[\]\\]/g, '\\$&')).join('.*');
+  return new RegExp(`^${re}$`, 's').test(text);
+}
+
+/** GET (or POST) on nidan, following nidan's own redirects; stops at the first URL elsewhere. */
+async function navigate(browser, url, options) {
+  const origin = new URL(state.issuer).origin;
+  let res = await browser.request(url, options);
+  for (let hop = 0; hop < 10; hop++) {
+    if (!isRedirect(res.status)) return { url: res.url, status: res.status, text: res.text, external: false };
+    if (new URL(res.location).origin !== origin) return { url: res.location, status: null, text: '', external: true };
+    res = await browser.request(res.location);
+  }
+  throw new Error('too many redirects');
+}
+
+/**
+ * Runs the suite's browser steps for a URL the test module would send the browser to.
+ * Returns { page, ran: [task names], notEmulated: [commands left to the suite's own pages] }.
+ */
+async function emulateSuiteBrowser(blocks, startUrl, browser) {
+  const block = blocks.find((b) => simpleMatch(b.match, startUrl));
+  if (!block) throw new Error(`no browser block matches ${startUrl} (the suite would wait for a person)`);
+  let page = await navigate(browser, startUrl);
+  const ran = [];
+  const notEmulated = [];
+  for (const task of block.tasks) {
+    const pattern = task.match ?? '*';
+    if (!simpleMatch(pattern, page.url)) {
+      if (task.optional) continue;
+      const why = page.external ? '' : ` (HTTP ${page.status}: ${(alertText(page.text) ?? pageText(page.text)).slice(0, 200)})`;
+      throw new Error(`task "${task.task}": the browser is at ${page.url}, which does not match ${pattern}${why}`);
+    }
+    ran.push(task.task);
+    const typed = new Map();
+    for (const cmd of task.commands ?? []) {
+      const [verb, by, target, ...rest] = cmd;
+      const where = `task "${task.task}", ${JSON.stringify(cmd)}`;
+      if (verb === 'wait' && (by === 'contains' || by === 'match')) {
+        const ok = by === 'contains' ? page.url.includes(target) : new RegExp(target).test(page.url);
+        if (!ok) throw new Error(`${where}: URL ${page.url}`);
+        continue;
+      }
+      if (page.external) {
+        notEmulated.push(cmd); // the suite's own page
+        continue;
+      }
+      page.dom ??= parseHtml(page.text); // one tree per page: typed values stay on its elements
+      const els = selectElements(page.dom, by, target);
+      if (verb === 'text') {
+        const el = els[0];
+        if (!el || !['input', 'textarea'].includes(el.tag) || (el.attrs.type ?? '').toLowerCase() === 'hidden') {
+          throw new Error(`${where}: no visible input on ${page.url} (HTTP ${page.status})`);
+        }
+        typed.set(el, `${typed.get(el) ?? el.attrs.value ?? ''}${rest[0]}`); // sendKeys appends to what is there
+      } else if (verb === 'click') {
+        const el = els[0];
+        if (!el) throw new Error(`${where}: nothing to click on ${page.url} (HTTP ${page.status}: ${pageText(page.text).slice(0, 150)})`);
+        let form = el.parent;
+        while (form && form.tag !== 'form') form = form.parent;
+        const isSubmit = (el.tag === 'button' && (el.attrs.type ?? 'submit').toLowerCase() === 'submit') || (el.tag === 'input' && el.attrs.type === 'submit');
+        if (el.tag === 'a' && el.attrs.href) {
+          page = await navigate(browser, new URL(el.attrs.href, page.url).href);
+        } else if (form && isSubmit) {
+          const fields = {};
+          for (const f of elementsOf(form)) {
+            if (!f.attrs.name || !['input', 'textarea', 'select'].includes(f.tag)) continue;
+            const type = (f.attrs.type ?? 'text').toLowerCase();
+            if (['submit', 'button', 'image', 'reset'].includes(type)) continue;
+            if ((type === 'checkbox' || type === 'radio') && !('checked' in f.attrs)) continue;
+            fields[f.attrs.name] = typed.get(f) ?? f.attrs.value ?? '';
+          }
+          if (el.attrs.name) fields[el.attrs.name] = el.attrs.value ?? '';
+          const action = new URL(form.attrs.action || page.url, page.url).href;
+          const method = (form.attrs.method ?? 'get').toUpperCase();
+          if (method === 'POST') page = await navigate(browser, action, { method: 'POST', form: fields });
+          else {
+            const u = new URL(action);
+            for (const [k, v] of Object.entries(fields)) u.searchParams.set(k, v);
+            page = await navigate(browser, u.href);
+          }
+        } else throw new Error(`${where}: the element is not a submit button of a form or a link`);
+      } else if (verb === 'wait') {
+        const [, regexp, action] = rest;
+        if (action && !['update-image-placeholder', 'update-image-placeholder-optional'].includes(action)) throw new Error(`${where}: unknown action`);
+        const ok = regexp ? els.some((e) => new RegExp(regexp).test(textOf(e))) : els.length > 0;
+        if (!ok) throw new Error(`${where}: not found on ${page.url} (HTTP ${page.status}: ${pageText(page.text).slice(0, 150)})`);
+      } else throw new Error(`${where}: unknown command`);
+    }
+  }
+  return { page, ran, notEmulated };
+}
+
+// The suite's test modules of each plan that a configuration may override (from the suite's plan
+// classes); an override under any other name would be silently unused.
+const OIDF_MODULES = {
+  'basic-op.json': [
+    'oidcc-server', 'oidcc-response-type-missing', 'oidcc-idtoken-signature', 'oidcc-idtoken-unsigned', 'oidcc-userinfo-get',
+    'oidcc-userinfo-post-header', 'oidcc-userinfo-post-body', 'oidcc-ensure-request-without-nonce-succeeds-for-code-flow',
+    'oidcc-scope-profile', 'oidcc-scope-email', 'oidcc-scope-address', 'oidcc-scope-phone', 'oidcc-scope-all',
+    'oidcc-ensure-other-scope-order-succeeds', 'oidcc-display-page', 'oidcc-display-popup', 'oidcc-prompt-login',
+    'oidcc-prompt-none-not-logged-in', 'oidcc-prompt-none-logged-in', 'oidcc-max-age-1', 'oidcc-max-age-10000',
+    'oidcc-ensure-request-with-unknown-parameter-succeeds', 'oidcc-id-token-hint', 'oidcc-login-hint', 'oidcc-ui-locales',
+    'oidcc-claims-locales', 'oidcc-ensure-request-with-acr-values-succeeds', 'oidcc-codereuse', 'oidcc-codereuse-30seconds',
+    'oidcc-ensure-registered-redirect-uri', 'oidcc-ensure-post-request-succeeds', 'oidcc-server-client-secret-post',
+    'oidcc-request-uri-unsigned-supported-correctly-or-rejected-as-unsupported',
+    'oidcc-unsigned-request-object-supported-correctly-or-rejected-as-unsupported', 'oidcc-claims-essential',
+    'oidcc-ensure-request-object-with-redirect-uri', 'oidcc-refresh-token', 'oidcc-ensure-request-with-valid-pkce-succeeds',
+  ],
+  'config-op.json': ['oidcc-discovery-endpoint-verification'],
+  'rp-initiated-logout-op.json': [
+    'oidcc-rp-initiated-logout-discovery-endpoint-verification', 'oidcc-rp-initiated-logout',
+    'oidcc-rp-initiated-logout-bad-post-logout-redirect-uri', 'oidcc-rp-initiated-logout-modified-id-token-hint',
+    'oidcc-rp-initiated-logout-no-id-token-hint', 'oidcc-rp-initiated-logout-no-params',
+    'oidcc-rp-initiated-logout-no-post-logout-redirect-uri', 'oidcc-rp-initiated-logout-no-state',
+    'oidcc-rp-initiated-logout-only-state',
+  ],
+  'backchannel-logout-op.json': ['oidcc-backchannel-logout-discovery-endpoint-verification', 'oidcc-backchannel-rp-initiated-logout'],
+};
+
+async function oidfChecks() {
+  section('OpenID Foundation plan configurations (conformance/oidf/, replayed offline)');
+  let oidf;
+  try {
+    oidf = await import('./oidf/fill.mjs');
+  } catch (e) {
+    await test('conformance/oidf/fill.mjs loads', async () => {
+      throw e;
+    });
+    return;
+  }
+  const { PLANS, template, placeholders, fill, registrations, suiteUris } = oidf;
+  const KNOWN = new Set(['ISSUER', 'USERNAME', 'PASSWORD', 'SECOND_PASSWORD']);
+  const templates = {};
+  for (const p of PLANS) {
+    templates[p.file] = await test(`${p.file} (${p.plan}): alias, discoveryUrl, clients, browser patterns and placeholders`, async () => {
+      const t = template(p);
+      eq(t.alias, p.alias, 'alias');
+      assert(typeof t.description === 'string' && t.description, 'no description');
+      eq(t.server?.discoveryUrl, '{{ISSUER}}/.well-known/openid-configuration', 'server.discoveryUrl');
+      for (const c of p.clients) {
+        eq(t[c.key]?.client_id, c.id, `${c.key}.client_id`);
+        eq(t[c.key]?.client_secret, `{{SECRET:${c.id}}}`, `${c.key}.client_secret`);
+      }
+      for (const ph of placeholders(t)) {
+        assert(KNOWN.has(ph) || (ph.startsWith('SECRET:') && p.clients.some((c) => c.id === ph.slice(7))), `unknown placeholder {{${ph}}}`);
+      }
+      const blocks = [t.browser ?? [], ...Object.values(t.override ?? {}).map((o) => o.browser ?? [])].flat();
+      if (p.clients.length) assert(blocks.length > 0, 'no browser steps');
+      for (const b of blocks) {
+        for (const pat of [b.match, ...b.tasks.map((x) => x.match)]) {
+          assert(pat.startsWith('{{ISSUER}}/') || pat.startsWith(`*/test/a/${p.alias}/`), `pattern ${show(pat)} names neither nidan nor this alias`);
+        }
+        assert(b.tasks.some((x) => !x.optional), `a block for ${b.match} has only optional tasks`);
+      }
+      for (const name of Object.keys(t.override ?? {})) {
+        assert(OIDF_MODULES[p.file].includes(name), `override for ${show(name)}, which is not a module of ${p.plan}`);
+      }
+      return t;
+    });
+  }
+  const values = {
+    issuer: state.issuer,
+    username: USER1.username,
+    password: USER1.password,
+    second_password: USER1.secondPassword,
+    secrets: {},
+  };
+
+  // The registration commands the operator is told to run, against this instance (while serve runs).
+  const secrets = await test('the `nidan client add` commands of fill.mjs (suite redirect/logout URIs) are accepted', async () => {
+    const bin = findBinary();
+    const got = {};
+    for (const r of registrations()) {
+      const out = runNidan(bin, [...r.args, '--config', state.configPath]);
+      assert(out.status === 0, `nidan ${r.args.join(' ')}: exit ${out.status}: ${firstLines(out.stderr || out.stdout)}`);
+      const secret = out.stdout.match(/^client_secret:\s*(\S+)/m)?.[1];
+      assert(secret, `no client_secret printed for ${r.client.id}`);
+      got[r.client.id] = secret;
+    }
+    return got;
+  });
+  await test('  … `nidan client show oidf-bc-logout`: backchannel_logout_uri as registered, session required, post-logout URI', async () => {
+    need(secrets, 'the registrations');
+    const out = runNidan(findBinary(), ['client', 'show', 'oidf-bc-logout', '--config', state.configPath]);
+    eq(out.status, 0, `exit status (${firstLines(out.stderr)})`);
+    const s = JSON.parse(out.stdout.slice(out.stdout.indexOf('{'), out.stdout.lastIndexOf('}') + 1));
+    const uris = suiteUris('nidan-bc-logout');
+    eq(s.backchannel_logout_uri, uris.backchannel, 'backchannel_logout_uri');
+    eq(s.backchannel_logout_session_required, true, 'backchannel_logout_session_required');
+    eq(show(s.post_logout_redirect_uris), show([uris.postLogout]), 'post_logout_redirect_uris');
+    eq(show(s.redirect_uris), show([uris.callback]), 'redirect_uris');
+  });
+  // A loopback twin of the back-channel client: the suite's own URIs would leave this machine.
+  const twin = await test('  … and a loopback twin of oidf-bc-logout (suite URIs on the runner\'s receiver) for the replay', async () => {
+    const r = registrations({ suite: receiver.origin, suffix: '-loop' }).find((x) => x.client.id === 'oidf-bc-logout');
+    const out = runNidan(findBinary(), [...r.args, '--config', state.configPath]);
+    assert(out.status === 0, `exit ${out.status}: ${firstLines(out.stderr || out.stdout)}`);
+    return { id: 'oidf-bc-logout-loop', secret: out.stdout.match(/^client_secret:\s*(\S+)/m)?.[1], uris: suiteUris('nidan-bc-logout', receiver.origin) };
+  });
+  if (secrets) Object.assign(values.secrets, secrets);
+  const filled = {};
+  for (const p of PLANS) {
+    filled[p.file] = await test(`fill.mjs fills ${p.file}: no placeholder left, discoveryUrl served`, async () => {
+      const t = need(templates[p.file], 'the template');
+      if (p.clients.length) need(secrets, 'the client secrets');
+      const f = fill(t, values);
+      assert(!JSON.stringify(f).includes('{{'), 'a placeholder is left');
+      const d = await http(f.server.discoveryUrl);
+      eq(d.status, 200, 'discovery status');
+      eq(d.json?.issuer, state.issuer, 'issuer');
+      return f;
+    });
+  }
+
+  const suiteAuthUrl = (clientId, alias, extra = {}) =>
+    authUrl({
+      client_id: clientId,
+      response_type: 'code',
+      redirect_uri: suiteUris(alias).callback,
+      scope: 'openid',
+      state: client.randomState(),
+      nonce: client.randomNonce(),
+      ...extra,
+    });
+  const pseudoRp = (id, method) => ({ id, method, secret: values.secrets[id] });
+  const expectCode = (run, alias) => {
+    assert(run.page.external, `the browser stayed on nidan: ${run.page.url} (HTTP ${run.page.status}: ${pageText(run.page.text).slice(0, 150)})`);
+    const u = new URL(run.page.url);
+    assert(simpleMatch(`*/test/a/${alias}/callback*`, u.href), `ended at ${u.href}`);
+    const code = u.searchParams.get('code');
+    assert(code, `no code: ${u.href}`);
+    eq(u.searchParams.get('iss'), state.issuer, 'iss');
+    return code;
+  };
+  const exchange = async (rp, code, alias, redirectUri = suiteUris(alias).callback) => {
+    const t = await rawToken(rp, { grant_type: 'authorization_code', code, redirect_uri: redirectUri });
+    eq(t.status, 200, `token endpoint (${rp.method}) status (${show(t.json ?? t.text)})`);
+    assert(t.json?.id_token, 'no id_token');
+    return t.json;
+  };
+
+  // Basic OP.
+  const basic = filled['basic-op.json'];
+  const bb = new Browser();
+  await test('Basic OP, default steps (client, client_secret_basic): login page filled, callback with code and iss, token exchange', async () => {
+    const f = need(basic, 'the filled configuration');
+    const run = await emulateSuiteBrowser(f.browser, suiteAuthUrl('oidf-basic', f.alias), bb);
+    eq(run.ran.join(','), 'Login,Verify Complete', 'tasks run');
+    await exchange(pseudoRp('oidf-basic', 'client_secret_basic'), expectCode(run, f.alias), f.alias);
+  });
+  await test('Basic OP, oidcc-prompt-login steps: the second login page is shown, filled and screenshotted', async () => {
+    const f = need(basic, 'the filled configuration');
+    const run = await emulateSuiteBrowser(f.override['oidcc-prompt-login'].browser, suiteAuthUrl('oidf-basic', f.alias, { prompt: 'login' }), bb);
+    eq(run.ran.join(','), 'Login,Verify Complete', 'tasks run');
+    expectCode(run, f.alias);
+  });
+  await test('Basic OP, oidcc-max-age-1 uses the same steps as oidcc-prompt-login', async () => {
+    const f = need(basic, 'the filled configuration');
+    eq(JSON.stringify(f.override['oidcc-max-age-1']), JSON.stringify(f.override['oidcc-prompt-login']), 'override');
+  });
+  await test('Basic OP, oidcc-login-hint steps: the user ID prefilled from login_hint is not typed twice', async () => {
+    const f = need(basic, 'the filled configuration');
+    eq(f.server.login_hint, USER1.username, 'server.login_hint');
+    const run = await emulateSuiteBrowser(f.override['oidcc-login-hint'].browser, suiteAuthUrl('oidf-basic', f.alias, { login_hint: f.server.login_hint }), new Browser());
+    expectCode(run, f.alias);
+  });
+  await test('Basic OP, oidcc-ensure-registered-redirect-uri steps: nidan\'s error page (role=alert) is found, no redirect', async () => {
+    const f = need(basic, 'the filled configuration');
+    const run = await emulateSuiteBrowser(
+      f.override['oidcc-ensure-registered-redirect-uri'].browser,
+      suiteAuthUrl('oidf-basic', f.alias, { redirect_uri: `${suiteUris(f.alias).callback}/not-registered` }),
+      new Browser(),
+    );
+    assert(!run.page.external, `redirected to ${run.page.url}`);
+    assert(run.page.status >= 400, `HTTP ${run.page.status}`);
+  });
+  for (const [key, id, method] of [['client2', 'oidf-basic-2', 'client_secret_basic'], ['client_secret_post', 'oidf-basic-post', 'client_secret_post']]) {
+    await test(`Basic OP, ${key} (${id}, ${method}): default steps, token exchange with its method`, async () => {
+      const f = need(basic, 'the filled configuration');
+      eq(f[key].client_id, id, `${key}.client_id`);
+      const run = await emulateSuiteBrowser(f.browser, suiteAuthUrl(id, f.alias), new Browser());
+      await exchange(pseudoRp(id, method), expectCode(run, f.alias), f.alias);
+    });
+  }
+
+  // RP-Initiated Logout OP: each module's end-session request, as the suite builds it.
+  const rpl = filled['rp-initiated-logout-op.json'];
+  const logoutModules = [
+    ['oidcc-rp-initiated-logout', { hint: true, plru: true, state: true }, 'redirect'],
+    ['oidcc-rp-initiated-logout-no-state', { hint: true, plru: true }, 'redirect'],
+    ['oidcc-rp-initiated-logout-bad-post-logout-redirect-uri', { hint: true, plru: 'bad', state: true }, 'page'],
+    ['oidcc-rp-initiated-logout-modified-id-token-hint', { hint: 'alg-none', plru: true, state: true }, 'page'],
+    ['oidcc-rp-initiated-logout-no-id-token-hint', { plru: true, state: true }, 'page'],
+    ['oidcc-rp-initiated-logout-no-params', {}, 'logged-out'],
+    ['oidcc-rp-initiated-logout-no-post-logout-redirect-uri', { hint: true, state: true }, 'logged-out'],
+    ['oidcc-rp-initiated-logout-only-state', { state: true }, 'logged-out'],
+  ];
+  for (const [module, req, outcome] of logoutModules) {
+    await test(`RP-Initiated Logout OP, ${module}: ${outcome === 'redirect' ? 'back to post_logout_redirect' : outcome === 'page' ? 'an error page (role=alert), no redirect' : 'logged-out page (role=status)'}${outcome !== 'page' ? ', then prompt=none gives login_required' : ''}`, async () => {
+      const f = need(rpl, 'the filled configuration');
+      const blocks = f.override?.[module]?.browser ?? f.browser;
+      const b = new Browser();
+      const run = await emulateSuiteBrowser(blocks, suiteAuthUrl('oidf-rp-logout', f.alias), b);
+      const tokens = await exchange(pseudoRp('oidf-rp-logout', 'client_secret_basic'), expectCode(run, f.alias), f.alias);
+      const uris = suiteUris(f.alias);
+      const u = new URL(state.meta.end_session_endpoint);
+      const st = client.randomState() + client.randomState(); // the suite sends a long state
+      if (req.hint === true) u.searchParams.set('id_token_hint', tokens.id_token);
+      if (req.hint === 'alg-none') {
+        const [, payload] = tokens.id_token.split('.');
+        u.searchParams.set('id_token_hint', `${b64u(JSON.stringify({ alg: 'none' }))}.${payload}.`);
+      }
+      if (req.plru) u.searchParams.set('post_logout_redirect_uri', req.plru === 'bad' ? `${uris.postLogout}/not-registered` : uris.postLogout);
+      if (req.state) u.searchParams.set('state', st);
+      const out = await emulateSuiteBrowser(blocks, u.href, b);
+      if (outcome === 'redirect') {
+        assert(out.page.external, `stayed on nidan: ${out.page.url}`);
+        const back = new URL(out.page.url);
+        eq(`${back.origin}${back.pathname}`, uris.postLogout, 'redirect target');
+        eq(back.searchParams.get('state'), req.state ? st : null, 'state');
+      } else {
+        assert(!out.page.external, `redirected to ${out.page.url}`);
+        assert(out.ran.length > 0, 'no task ran');
+      }
+      if (outcome !== 'page') {
+        const again = await emulateSuiteBrowser(blocks, suiteAuthUrl('oidf-rp-logout', f.alias, { prompt: 'none' }), b);
+        assert(again.page.external, `prompt=none stayed on nidan: ${again.page.url}`);
+        eq(new URL(again.page.url).searchParams.get('error'), 'login_required', 'error after the logout');
+      }
+    });
+  }
+
+  // Back-Channel Logout OP, with the loopback twin client.
+  const bcl = filled['backchannel-logout-op.json'];
+  await test('Back-Channel Logout OP (loopback twin): login, logout to post_logout_redirect with state, logout token at /backchannel_logout, then login_required', async () => {
+    const f = need(bcl, 'the filled configuration');
+    const tw = need(twin, 'the loopback twin client');
+    const b = new Browser();
+    const start = authUrl({ client_id: tw.id, response_type: 'code', redirect_uri: tw.uris.callback, scope: 'openid', state: client.randomState(), nonce: client.randomNonce() });
+    const run = await emulateSuiteBrowser(f.browser, start, b);
+    const rp = { id: tw.id, method: 'client_secret_basic', secret: tw.secret, alg: 'RS256', backchannelUri: tw.uris.backchannel };
+    const tokens = await exchange(rp, expectCode(run, f.alias), f.alias, tw.uris.callback);
+    const idc = jose.decodeJwt(tokens.id_token);
+    const st = client.randomState();
+    const u = new URL(state.meta.end_session_endpoint);
+    u.searchParams.set('id_token_hint', tokens.id_token);
+    u.searchParams.set('post_logout_redirect_uri', tw.uris.postLogout);
+    u.searchParams.set('state', st);
+    const before = Date.now();
+    const out = await emulateSuiteBrowser(f.browser, u.href, b);
+    assert(out.page.external && out.page.url.startsWith(tw.uris.postLogout), `ended at ${out.page.url}`);
+    eq(new URL(out.page.url).searchParams.get('state'), st, 'state');
+    const got = deliveries(new URL(tw.uris.backchannel).pathname);
+    eq(got.length, 1, 'logout tokens at /backchannel_logout');
+    await logoutTokenAllGood(got[0], { rp, sid: idc.sid, sub: idc.sub, after: before });
+    const start2 = authUrl({ client_id: tw.id, response_type: 'code', redirect_uri: tw.uris.callback, scope: 'openid', state: 's', prompt: 'none' });
+    const again = await emulateSuiteBrowser(f.browser, start2, b);
+    eq(new URL(again.page.url).searchParams.get('error'), 'login_required', 'error after the logout');
+  });
+}
+
+// ---------------------------------------------------------------------------
 // Main
 // ---------------------------------------------------------------------------
 
@@ -1803,12 +2861,14 @@ const AREAS = [
   ['Discovery (Config OP)', discoveryChecks],
   ['JWKS', jwksChecks],
   ['Code flow and client authentication (Basic OP)', codeFlowChecks],
+  ['RFC 9207 authorization response iss', issChecks],
   ['ID token', idTokenChecksArea],
   ['nonce and state', nonceStateChecks],
   ['prompt', promptChecks],
   ['Other request parameters (Basic OP)', requestParameterChecks],
   ['max_age', maxAgeChecks],
   ['acr_values and the step-up', acrChecks],
+  ['RFC 9470 step-up (acr_values, max_age, introspection)', stepUpChecks],
   ['UserInfo', userinfoChecks],
   ['Authorization code reuse', codeReuseChecks],
   ['Refresh tokens', refreshChecks],
@@ -1817,6 +2877,8 @@ const AREAS = [
   ['Client credentials', clientCredentialsChecks],
   ['Authorization request errors', authRequestErrorChecks],
   ['RP-initiated logout', logoutChecks],
+  ['Back-channel logout OP', backchannelChecks],
+  ['OpenID Foundation plan configurations (oidf)', oidfChecks],
 ];
 
 function firstLines(text, n = 2) {
@@ -1895,6 +2957,7 @@ async function finish() {
   } catch {
     /* ignore */
   }
+  stopReceiver();
   if (state.logPath && (OPTS.verbose || counts.failed > 0)) {
     console.log(`\n# server log (last ${OPTS.verbose ? 400 : 40} lines)`);
     console.log(logTail(OPTS.verbose ? 400 : 40));

@@ -183,6 +183,15 @@ impl BearerError {
             description,
         }
     }
+    /// The store could not answer: 503 with `server_error`, logged once here.
+    pub fn server_error(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "userinfo could not be answered");
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: Some("server_error"),
+            description: "the server could not check the token; try again",
+        }
+    }
     pub fn insufficient_scope(description: &'static str) -> Self {
         Self {
             status: StatusCode::FORBIDDEN,
@@ -211,8 +220,10 @@ impl IntoResponse for BearerError {
         };
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Ok(value) = HeaderValue::from_str(&challenge) {
-            headers.insert(header::WWW_AUTHENTICATE, value);
+        if !self.status.is_server_error() {
+            if let Ok(value) = HeaderValue::from_str(&challenge) {
+                headers.insert(header::WWW_AUTHENTICATE, value);
+            }
         }
         response
     }

@@ -178,8 +178,6 @@ async fn postgres_down_fails_requests_cleanly_and_nidan_recovers_when_it_returns
 /// An RP that gets 401 invalid_token drops the student's tokens; during an outage the token is
 /// fine and the server is not, so userinfo must answer 5xx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: userinfo answers 401 invalid_token (\"the token could not be checked\") \
-            when the store is unavailable; relying parties then discard valid tokens"]
 async fn userinfo_during_a_database_outage_is_a_server_error_not_an_invalid_token() {
     let mut s = OnPrivatePostgres::start().await;
     let tokens = s.tokens().await;
@@ -613,9 +611,6 @@ async fn a_full_database_gives_errors_not_corruption() {
 /// here deterministically with a trigger that
 /// fails the INSERT as a full disk would.
 #[tokio::test]
-#[ignore = "server bug: a code exchange or refresh that fails after the redeeming UPDATE (disk \
-            full, database gone) answers 500 but leaves the code or refresh token consumed; the \
-            retry is taken for a replay and revokes the grant"]
 async fn a_token_request_that_fails_midway_consumes_nothing() {
     let app = TestApp::sqlite().await;
     let tokens = app.tokens_for("rp-basic", &TARO, Level::Password).await;

@@ -691,9 +691,6 @@ async fn both_replicas_pick_up_a_cli_rotation_by_their_own_reload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: replicas starting at once on an empty database each generate a key set \
-            (ensure_keys lists, then inserts); their JWKS differ until the 30 s reload and one \
-            may sign with a key the other does not publish"]
 async fn replicas_started_at_once_agree_on_the_signing_keys() {
     let c = Cluster::start_with(json!({}), true).await;
     let a = jwks(&c.urls[0]).await;

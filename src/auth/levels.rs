@@ -52,33 +52,36 @@ pub enum Decision {
     StepUp,
 }
 
-/// Decides what the session (if any) is worth for `request`. `just_authenticated` skips
-/// `prompt=login`, which the login that just happened satisfied.
+/// Decides what the session (if any) is worth for `request`. `requested_at` is the time of the
+/// authorization request when deciding again after a login or step-up for it: a check made
+/// since then satisfies `max_age` and `prompt=login`; `None` decides at `/authorize` itself.
 pub fn decide(
     state: &AppState,
     client: &ClientSettings,
     request: &AuthRequest,
     session: Option<&BrowserSession>,
-    just_authenticated: bool,
+    requested_at: Option<Timestamp>,
     now: Timestamp,
 ) -> Decision {
     let Some(session) = session else {
         return Decision::Login;
     };
-    if !just_authenticated && (request.prompt_login() || request.max_age == Some(0)) {
-        return Decision::Login;
-    }
-    let within_max_age = |t: Timestamp| match request.max_age {
-        Some(max) if !just_authenticated => now - t <= max,
-        _ => true,
+    // prompt=login asks for every factor again, like max_age=0.
+    let max_age = if request.prompt_login() {
+        Some(0)
+    } else {
+        request.max_age
     };
-    if !within_max_age(session.password_at) {
+    let fresh_enough = |t: Timestamp| {
+        requested_at.is_some_and(|r| t >= r) || max_age.is_none_or(|max| now - t <= max && max > 0)
+    };
+    if !fresh_enough(session.password_at) {
         return Decision::Login;
     }
     let step_up_lifetime = state.config.session.step_up_lifetime.as_secs() as i64;
     let second_fresh = session
         .second_password_at
-        .is_some_and(|t| now - t <= step_up_lifetime && within_max_age(t));
+        .is_some_and(|t| now - t <= step_up_lifetime && fresh_enough(t));
     let required = required_level(client, request);
     if required == Level::SecondPassword && !second_fresh {
         return Decision::StepUp;

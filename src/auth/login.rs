@@ -356,7 +356,14 @@ async fn continue_after_login(
         return Ok(see_other(&with_lang(&page, locale)));
     }
     let now = state.clock.now();
-    match decide(state, &client, &request, Some(session), true, now) {
+    match decide(
+        state,
+        &client,
+        &request,
+        Some(session),
+        Some(tx.created_at),
+        now,
+    ) {
         Decision::Issue { level, auth_time } => {
             if !state.store.complete_login_transaction(&tx.id, now).await? {
                 return Err(PageError::expired());

@@ -151,18 +151,46 @@ pub async fn create_key(
     Ok(row)
 }
 
-/// Makes sure a current key exists for every algorithm (first start).
+/// Makes sure a current key exists for every algorithm (first start). Replicas that start
+/// together on an empty database take turns under a lease, so they agree on one key each.
 pub async fn ensure_keys(store: &DynStore, kek: &Kek, now: Timestamp) -> anyhow::Result<()> {
-    let keys = store.list_signing_keys().await?;
-    for alg in ALGORITHMS {
-        let current = keys
+    let owner = crate::clock::random_id();
+    for _ in 0..150 {
+        let keys = store.list_signing_keys().await?;
+        let missing: Vec<&str> = ALGORITHMS
             .iter()
-            .any(|k| k.alg == *alg && k.published_until.is_none());
-        if !current {
-            create_key(store, kek, alg, now, now).await?;
+            .copied()
+            .filter(|alg| {
+                !keys
+                    .iter()
+                    .any(|k| k.alg == *alg && k.published_until.is_none())
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
         }
+        if store
+            .try_lease("signing-keys", &owner, now + 60, now)
+            .await?
+        {
+            // Listed again under the lease: another replica may have just finished.
+            let keys = store.list_signing_keys().await?;
+            for alg in missing {
+                if !keys
+                    .iter()
+                    .any(|k| k.alg == alg && k.published_until.is_none())
+                {
+                    create_key(store, kek, alg, now, now).await?;
+                }
+            }
+            store
+                .try_lease("signing-keys", &owner, now - 1, now)
+                .await?;
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    Ok(())
+    anyhow::bail!("another replica holds the key-creation lease and has not created the keys")
 }
 
 /// Publishes a new key now that signs after `delay`; older keys leave JWKS once every token they

@@ -159,7 +159,7 @@ pub async fn authorize(
         None
     };
     let now = state.clock.now();
-    let decision = decide(&state, &client, &request, session.as_ref(), false, now);
+    let decision = decide(&state, &client, &request, session.as_ref(), None, now);
     let mut response = match (decision, session) {
         (Decision::Issue { level, auth_time }, Some(session)) => {
             state.store.touch_session(&session.id, now).await?;

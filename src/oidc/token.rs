@@ -1,5 +1,6 @@
 //! The token endpoint: one entry point dispatching on the grant type, each grant in its own
-//! function. Codes and refresh tokens are redeemed with one atomic statement each.
+//! function. A code or refresh token is consumed in the same transaction that stores what it
+//! issues, with a conditional update, so two replicas can never both redeem one.
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -13,7 +14,7 @@ use crate::app::AppState;
 use crate::clock::{random_id, random_token};
 use crate::crypto::{pkce_s256_matches, token_digest};
 use crate::error::OAuthError;
-use crate::store::{AccessToken, Grant, Redeemed, RefreshToken};
+use crate::store::{AccessToken, AuthorizationCode, Consume, Grant, RefreshToken};
 
 pub async fn token(
     State(state): State<AppState>,
@@ -79,57 +80,26 @@ async fn authorization_code(
         .get("code")
         .ok_or_else(|| OAuthError::invalid_request("code is missing"))?;
     let now = state.clock.now();
-    let grant_id = random_id();
-    let code = match state
+    let digest = token_digest(code);
+    // Another client's code is unknown to this one and stays unused.
+    let Some(code) = state
         .store
-        .redeem_code(&token_digest(code), &client.client_id, &grant_id, now)
+        .get_code(&digest)
         .await?
-    {
-        Redeemed::Fresh(code) => code,
-        Redeemed::AlreadyUsed(code) => {
-            // Marked first: an exchange still in flight sees the mark after storing its grant.
-            state.store.mark_code_replayed(&code.digest, now).await?;
-            // A replayed code revokes what the first redemption issued (RFC 6749 §4.1.2).
-            if let Some(grant_id) = &code.grant_id {
-                state.store.revoke_grant(grant_id, now).await?;
-                let event = crate::audit::Event {
-                    kind: "grant_revoked",
-                    account_id: Some(&code.account_id),
-                    client_id: Some(&code.client_id),
-                    outcome: "authorization code replayed",
-                    ..Default::default()
-                };
-                state.audit(event).await;
-            }
-            return Err(OAuthError::invalid_grant("the code was already used"));
-        }
-        Redeemed::NotFound => return Err(OAuthError::invalid_grant("unknown code")),
+        .filter(|c| c.client_id == client.client_id)
+    else {
+        return Err(OAuthError::invalid_grant("unknown code"));
     };
-    if code.client_id != client.client_id {
-        return Err(OAuthError::invalid_grant(
-            "the code was issued to another client",
-        ));
+    if code.consumed_at.is_some() {
+        return Err(code_replayed(state, &code.digest, now).await?);
     }
-    if code.expires_at <= now {
-        return Err(OAuthError::invalid_grant("the code has expired"));
-    }
-    if params.get("redirect_uri") != Some(code.redirect_uri.as_str()) {
-        return Err(OAuthError::invalid_grant(
-            "redirect_uri does not match the authorization request",
-        ));
-    }
-    match (&code.code_challenge, params.get("code_verifier")) {
-        (Some(challenge), Some(verifier)) if pkce_s256_matches(verifier, challenge) => {}
-        (Some(_), Some(_)) => {
-            return Err(OAuthError::invalid_grant("code_verifier does not match"))
-        }
-        (Some(_), None) => return Err(OAuthError::invalid_grant("code_verifier is missing")),
-        (None, Some(_)) => {
-            return Err(OAuthError::invalid_grant(
-                "code_verifier given but no code_challenge was sent",
-            ))
-        }
-        (None, None) => {}
+    if let Err(why) = check_code(&code, params, now) {
+        // A failed attempt uses the code up: whoever holds it gets one try.
+        state
+            .store
+            .redeem_code(&digest, &client.client_id, &random_id(), now)
+            .await?;
+        return Err(OAuthError::invalid_grant(why));
     }
     let scopes: Vec<&str> = code.scope.split(' ').collect();
     let offline = scopes.contains(&"offline_access") && client.may_use_offline_access();
@@ -139,7 +109,7 @@ async fn authorization_code(
         state.config.session.absolute_timeout.as_secs() as i64
     };
     let grant = Grant {
-        id: grant_id,
+        id: random_id(),
         client_id: client.client_id.clone(),
         account_id: Some(code.account_id.clone()),
         session_id: Some(code.session_id.clone()),
@@ -154,26 +124,33 @@ async fn authorization_code(
         expires_at: now + lifetime,
         revoked_at: None,
     };
-    state.store.insert_grant(&grant).await?;
     let account = state
         .store
         .get_account(&code.account_id)
         .await?
         .ok_or_else(|| OAuthError::invalid_grant("the account no longer exists"))?;
-    let body = issue_tokens(
+    let minted = Minted::new(state, client, &grant, &code.scope);
+    let consume = Consume::Code {
+        digest: &digest,
+        client_id: &client.client_id,
+        grant_id: &grant.id,
+    };
+    // The code, the grant and its tokens change together, or not at all.
+    if !minted.commit(state, consume, Some(&grant)).await? {
+        return Err(code_replayed(state, &digest, now).await?);
+    }
+    let body = minted.response(
         state,
         client,
         &grant,
-        &code.scope,
         &account.sub,
         code.nonce.as_deref(),
         true,
-    )
-    .await?;
+    )?;
     // A replay that raced this exchange may have found no grant to revoke yet.
     if state
         .store
-        .get_code(&code.digest)
+        .get_code(&digest)
         .await?
         .is_some_and(|c| c.replayed_at.is_some())
     {
@@ -183,6 +160,43 @@ async fn authorization_code(
             .await?;
     }
     Ok(body)
+}
+
+/// The checks a code must pass before it is exchanged.
+fn check_code(code: &AuthorizationCode, params: &Params, now: i64) -> Result<(), &'static str> {
+    if code.expires_at <= now {
+        return Err("the code has expired");
+    }
+    if params.get("redirect_uri") != Some(code.redirect_uri.as_str()) {
+        return Err("redirect_uri does not match the authorization request");
+    }
+    match (&code.code_challenge, params.get("code_verifier")) {
+        (Some(challenge), Some(verifier)) if pkce_s256_matches(verifier, challenge) => Ok(()),
+        (Some(_), Some(_)) => Err("code_verifier does not match"),
+        (Some(_), None) => Err("code_verifier is missing"),
+        (None, Some(_)) => Err("code_verifier given but no code_challenge was sent"),
+        (None, None) => Ok(()),
+    }
+}
+
+/// A code presented again: it is marked (so an exchange still in flight revokes its own grant)
+/// and what the first exchange issued is revoked (RFC 6749 §4.1.2).
+async fn code_replayed(state: &AppState, digest: &str, now: i64) -> Result<OAuthError, OAuthError> {
+    state.store.mark_code_replayed(digest, now).await?;
+    if let Some(code) = state.store.get_code(digest).await? {
+        if let Some(grant_id) = &code.grant_id {
+            state.store.revoke_grant(grant_id, now).await?;
+            let event = crate::audit::Event {
+                kind: "grant_revoked",
+                account_id: Some(&code.account_id),
+                client_id: Some(&code.client_id),
+                outcome: "authorization code replayed",
+                ..Default::default()
+            };
+            state.audit(event).await;
+        }
+    }
+    Ok(OAuthError::invalid_grant("the code was already used"))
 }
 
 async fn refresh_token(
@@ -196,46 +210,24 @@ async fn refresh_token(
     let now = state.clock.now();
     let digest = token_digest(presented);
     let grace = state.config.lifetimes.refresh_grace.as_secs() as i64;
-    let token = match state
+    let unknown = || OAuthError::invalid_grant("unknown refresh token");
+    let token = state
         .store
-        .redeem_refresh_token(&digest, &client.client_id, now)
+        .find_refresh_token(&digest)
         .await?
-    {
-        Redeemed::Fresh(token) => token,
-        Redeemed::AlreadyUsed(token)
-            if grace > 0
-                && token.revoked_at.is_none()
-                && token.consumed_at.is_some_and(|t| now - t <= grace) =>
-        {
-            // The client lost the response to its last refresh: allow a retry inside the window.
-            token
-        }
-        Redeemed::AlreadyUsed(token) => {
-            // Reuse of a rotated token: someone has a copy, so the whole grant goes.
-            state.store.revoke_grant(&token.grant_id, now).await?;
-            let event = crate::audit::Event {
-                kind: "grant_revoked",
-                client_id: Some(&client.client_id),
-                outcome: "refresh token replayed",
-                details: format!("grant {}", token.grant_id),
-                ..Default::default()
-            };
-            state.audit(event).await;
-            return Err(OAuthError::invalid_grant(
-                "the refresh token was already used",
-            ));
-        }
-        Redeemed::NotFound => return Err(OAuthError::invalid_grant("unknown refresh token")),
-    };
+        .ok_or_else(unknown)?;
+    // Another client's refresh token is unknown to this one and stays unused.
     let grant = state
         .store
         .get_grant(&token.grant_id)
         .await?
-        .ok_or_else(|| OAuthError::invalid_grant("unknown refresh token"))?;
-    if grant.client_id != client.client_id {
-        return Err(OAuthError::invalid_grant(
-            "the refresh token was issued to another client",
-        ));
+        .filter(|g| g.client_id == client.client_id)
+        .ok_or_else(unknown)?;
+    let within_grace = grace > 0
+        && token.revoked_at.is_none()
+        && token.consumed_at.is_some_and(|t| now - t <= grace);
+    if token.consumed_at.is_some() && !within_grace {
+        return Err(refresh_replayed(state, client, &token.grant_id, now).await?);
     }
     if grant.revoked_at.is_some()
         || token.revoked_at.is_some()
@@ -267,6 +259,7 @@ async fn refresh_token(
         .get_account(&account_id)
         .await?
         .ok_or_else(|| OAuthError::invalid_grant("the account no longer exists"))?;
+    let mut grant = grant;
     // Refresh the claims from the directory; a student it no longer has loses the grant.
     match state.directory.lookup(&account.username).await {
         Ok(Some(user)) if user.id == account.directory_id => {
@@ -278,6 +271,7 @@ async fn refresh_token(
                     .store
                     .update_grant_claims(&grant.id, &snapshot)
                     .await?;
+                grant.claims = snapshot;
             }
         }
         Ok(_) => {
@@ -304,17 +298,39 @@ async fn refresh_token(
         }
         None => token.scope.clone(),
     };
-    let grant = state.store.get_grant(&grant.id).await?.unwrap_or(grant);
-    issue_tokens(
-        state,
-        client,
-        &grant,
-        &scope,
-        &account.sub,
-        None,
-        scope.split(' ').any(|s| s == "openid"),
-    )
-    .await
+    let minted = Minted::new(state, client, &grant, &scope);
+    // Inside the grace window the token was already rotated: issue again without consuming.
+    let consume = if token.consumed_at.is_some() {
+        Consume::Nothing
+    } else {
+        Consume::Refresh { digest: &digest }
+    };
+    if !minted.commit(state, consume, None).await? {
+        return Err(refresh_replayed(state, client, &token.grant_id, now).await?);
+    }
+    let with_id_token = scope.split(' ').any(|s| s == "openid");
+    minted.response(state, client, &grant, &account.sub, None, with_id_token)
+}
+
+/// Reuse of a rotated refresh token: someone has a copy, so the whole grant goes.
+async fn refresh_replayed(
+    state: &AppState,
+    client: &Client,
+    grant_id: &str,
+    now: i64,
+) -> Result<OAuthError, OAuthError> {
+    state.store.revoke_grant(grant_id, now).await?;
+    let event = crate::audit::Event {
+        kind: "grant_revoked",
+        client_id: Some(&client.client_id),
+        outcome: "refresh token replayed",
+        details: format!("grant {grant_id}"),
+        ..Default::default()
+    };
+    state.audit(event).await;
+    Ok(OAuthError::invalid_grant(
+        "the refresh token was already used",
+    ))
 }
 
 async fn client_credentials(
@@ -360,10 +376,12 @@ async fn client_credentials(
         expires_at: now + lifetime,
         revoked_at: None,
     };
-    state.store.insert_grant(&grant).await?;
-    let access_token = new_access_token(state, &grant, &grant.scope).await?;
+    let mut minted = Minted::new(state, client, &grant, &grant.scope);
+    // client_credentials never gets a refresh token.
+    minted.refresh = None;
+    minted.commit(state, Consume::Nothing, Some(&grant)).await?;
     let mut body = json!({
-        "access_token": access_token,
+        "access_token": minted.access,
         "token_type": "Bearer",
         "expires_in": lifetime,
     });
@@ -373,76 +391,95 @@ async fn client_credentials(
     Ok(body)
 }
 
-async fn new_access_token(
-    state: &AppState,
-    grant: &Grant,
-    scope: &str,
-) -> Result<String, OAuthError> {
-    let now = state.clock.now();
-    let token = random_token();
-    let expires_at = (now + state.config.lifetimes.access_token.as_secs() as i64)
-        .min(grant.expires_at.max(now + 60));
-    state
-        .store
-        .insert_access_token(&AccessToken {
-            digest: token_digest(&token),
+/// Tokens made for a grant, stored by `commit` before anyone sees them.
+struct Minted {
+    access: String,
+    access_row: AccessToken,
+    refresh: Option<(String, RefreshToken)>,
+    scope: String,
+}
+
+impl Minted {
+    fn new(state: &AppState, client: &Client, grant: &Grant, scope: &str) -> Minted {
+        let now = state.clock.now();
+        let access = random_token();
+        let expires_at = (now + state.config.lifetimes.access_token.as_secs() as i64)
+            .min(grant.expires_at.max(now + 60));
+        let access_row = AccessToken {
+            digest: token_digest(&access),
             grant_id: grant.id.clone(),
             scope: scope.to_string(),
             created_at: now,
             expires_at,
             revoked_at: None,
-        })
-        .await?;
-    Ok(token)
-}
-
-/// Access token, refresh token (when the client may refresh) and ID token for a user grant.
-async fn issue_tokens(
-    state: &AppState,
-    client: &Client,
-    grant: &Grant,
-    scope: &str,
-    account_sub: &str,
-    nonce: Option<&str>,
-    with_id_token: bool,
-) -> Result<Value, OAuthError> {
-    let now = state.clock.now();
-    let access_token = new_access_token(state, grant, scope).await?;
-    let mut body = json!({
-        "access_token": access_token,
-        "token_type": "Bearer",
-        "expires_in": state.config.lifetimes.access_token.as_secs(),
-        "scope": scope,
-    });
-    if client.allows_grant("refresh_token") {
-        let refresh = random_token();
-        state
-            .store
-            .insert_refresh_token(&RefreshToken {
-                digest: token_digest(&refresh),
+        };
+        let refresh = client.allows_grant("refresh_token").then(|| {
+            let token = random_token();
+            let row = RefreshToken {
+                digest: token_digest(&token),
                 grant_id: grant.id.clone(),
                 scope: grant.scope.clone(),
                 created_at: now,
                 expires_at: grant.expires_at,
                 consumed_at: None,
                 revoked_at: None,
-            })
-            .await?;
-        body["refresh_token"] = Value::String(refresh);
+            };
+            (token, row)
+        });
+        Minted {
+            access,
+            access_row,
+            refresh,
+            scope: scope.to_string(),
+        }
     }
-    if with_id_token {
-        let id_token = id_token(
-            state,
-            client,
-            grant,
-            scope,
-            account_sub,
-            nonce,
-            Some(&access_token),
-        )?;
-        body["id_token"] = Value::String(id_token);
+
+    async fn commit(
+        &self,
+        state: &AppState,
+        consume: Consume<'_>,
+        grant: Option<&Grant>,
+    ) -> Result<bool, OAuthError> {
+        let refresh = self.refresh.as_ref().map(|(_, row)| row);
+        Ok(state
+            .store
+            .commit_tokens(consume, grant, &self.access_row, refresh, state.clock.now())
+            .await?)
     }
-    Ok(body)
+
+    /// The token response: access token, refresh token when the client may refresh, ID token.
+    fn response(
+        &self,
+        state: &AppState,
+        client: &Client,
+        grant: &Grant,
+        account_sub: &str,
+        nonce: Option<&str>,
+        with_id_token: bool,
+    ) -> Result<Value, OAuthError> {
+        let mut body = json!({
+            "access_token": self.access,
+            "token_type": "Bearer",
+            "expires_in": state.config.lifetimes.access_token.as_secs(),
+            "scope": self.scope,
+        });
+        if let Some((refresh, _)) = &self.refresh {
+            body["refresh_token"] = Value::String(refresh.clone());
+        }
+        if with_id_token {
+            let id_token = id_token(
+                state,
+                client,
+                grant,
+                &self.scope,
+                account_sub,
+                nonce,
+                Some(&self.access),
+            )?;
+            body["id_token"] = Value::String(id_token);
+        }
+        Ok(body)
+    }
 }
 
 pub fn id_token(

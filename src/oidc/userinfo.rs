@@ -95,10 +95,7 @@ pub async fn userinfo(
     };
     let (access, grant) = active_access_token(&state, &token)
         .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "userinfo lookup failed");
-            BearerError::invalid_token("the token could not be checked")
-        })?
+        .map_err(BearerError::server_error)?
         .ok_or_else(|| {
             BearerError::invalid_token("the access token is invalid, expired or revoked")
         })?;
@@ -108,17 +105,16 @@ pub async fn userinfo(
             "the token was not issued with the openid scope",
         ));
     };
+    // A store that cannot answer is our fault (5xx), never a reason to call the token invalid.
     let client = clients::find(&state, &grant.client_id)
         .await
-        .ok()
-        .flatten()
+        .map_err(|e| BearerError::server_error(e.description))?
         .ok_or_else(|| BearerError::invalid_token("the client no longer exists"))?;
     let account = state
         .store
         .get_account(account_id)
         .await
-        .ok()
-        .flatten()
+        .map_err(BearerError::server_error)?
         .ok_or_else(|| BearerError::invalid_token("the account no longer exists"))?;
     let snapshot: Value = serde_json::from_str(&grant.claims).unwrap_or_default();
     let claims_request: Option<Value> = grant

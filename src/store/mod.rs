@@ -234,6 +234,22 @@ pub struct CleanupReport {
     pub rows: u64,
 }
 
+/// What a token response consumes, in the same transaction that stores what it issues.
+#[derive(Debug, Clone, Copy)]
+pub enum Consume<'a> {
+    /// An authorization code of `client_id`, recording the grant it produced.
+    Code {
+        digest: &'a str,
+        client_id: &'a str,
+        grant_id: &'a str,
+    },
+    /// A refresh token being rotated.
+    Refresh {
+        digest: &'a str,
+    },
+    Nothing,
+}
+
 /// The outcome of redeeming a single-use value with one atomic statement.
 #[derive(Debug)]
 pub enum Redeemed<T> {
@@ -435,6 +451,17 @@ pub trait Store: Send + Sync + 'static {
     /// Removes expired codes, tokens, links, sessions, counters, delivered mail and old audit events.
     async fn cleanup(&self, now: Timestamp, audit_before: Timestamp) -> StoreResult<CleanupReport>;
     async fn account_counts(&self) -> StoreResult<(i64, i64)>;
+
+    /// Consumes the code or refresh token and stores the grant and tokens in one transaction:
+    /// either all of it happens or nothing does. False when the code or token was consumed first.
+    async fn commit_tokens(
+        &self,
+        consume: Consume<'_>,
+        grant: Option<&Grant>,
+        access: &AccessToken,
+        refresh: Option<&RefreshToken>,
+        now: Timestamp,
+    ) -> StoreResult<bool>;
 
     /// Records a `private_key_jwt` assertion id; false when it was seen before.
     async fn record_assertion(&self, id: &str, expires_at: Timestamp) -> StoreResult<bool>;

@@ -869,6 +869,93 @@ macro_rules! sql_store {
                 Ok((all, enrolled))
             }
 
+            async fn commit_tokens(
+                &self,
+                consume: Consume<'_>,
+                grant: Option<&Grant>,
+                access: &AccessToken,
+                refresh: Option<&RefreshToken>,
+                now: Timestamp,
+            ) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await?;
+                let consumed = match consume {
+                    Consume::Code { digest, client_id, grant_id } => sqlx::query(
+                        "UPDATE authorization_codes SET consumed_at = $2, grant_id = $4 \
+                         WHERE digest = $1 AND client_id = $3 AND consumed_at IS NULL",
+                    )
+                    .bind(digest)
+                    .bind(now)
+                    .bind(client_id)
+                    .bind(grant_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+                    Consume::Refresh { digest } => sqlx::query(
+                        "UPDATE refresh_tokens SET consumed_at = $2 \
+                         WHERE digest = $1 AND consumed_at IS NULL AND revoked_at IS NULL",
+                    )
+                    .bind(digest)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+                    Consume::Nothing => 1,
+                };
+                if consumed != 1 {
+                    tx.rollback().await?;
+                    return Ok(false);
+                }
+                if let Some(g) = grant {
+                    sqlx::query(
+                        "INSERT INTO grants (id, client_id, account_id, session_id, sid, scope, claims_request, \
+                         acr, auth_time, claims, offline, created_at, expires_at, revoked_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                    )
+                    .bind(&g.id)
+                    .bind(&g.client_id)
+                    .bind(&g.account_id)
+                    .bind(&g.session_id)
+                    .bind(&g.sid)
+                    .bind(&g.scope)
+                    .bind(&g.claims_request)
+                    .bind(&g.acr)
+                    .bind(g.auth_time)
+                    .bind(&g.claims)
+                    .bind(g.offline)
+                    .bind(g.created_at)
+                    .bind(g.expires_at)
+                    .bind(g.revoked_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO access_tokens (digest, grant_id, scope, created_at, expires_at, revoked_at) \
+                     VALUES ($1, $2, $3, $4, $5, NULL)",
+                )
+                .bind(&access.digest)
+                .bind(&access.grant_id)
+                .bind(&access.scope)
+                .bind(access.created_at)
+                .bind(access.expires_at)
+                .execute(&mut *tx)
+                .await?;
+                if let Some(r) = refresh {
+                    sqlx::query(
+                        "INSERT INTO refresh_tokens (digest, grant_id, scope, created_at, expires_at, \
+                         consumed_at, revoked_at) VALUES ($1, $2, $3, $4, $5, NULL, NULL)",
+                    )
+                    .bind(&r.digest)
+                    .bind(&r.grant_id)
+                    .bind(&r.scope)
+                    .bind(r.created_at)
+                    .bind(r.expires_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(true)
+            }
+
             async fn record_assertion(&self, id: &str, expires_at: Timestamp) -> StoreResult<bool> {
                 let done = sqlx::query(
                     "INSERT INTO used_assertions (id, expires_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
