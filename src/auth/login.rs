@@ -318,10 +318,22 @@ pub async fn login_submit(
         format!("level {level}"),
     )
     .await;
-    let mut response = continue_after_login(&state, pending, &session, &account, locale).await?;
+    signed_in_response(&state, pending, &session, &account, locale, &cookie).await
+}
+
+/// The response after a login or step-up: where to go next, with the new session cookie.
+async fn signed_in_response(
+    state: &AppState,
+    pending: Pending,
+    session: &BrowserSession,
+    account: &Account,
+    locale: Locale,
+    cookie: &str,
+) -> Result<Response, PageError> {
+    let mut response = continue_after_login(state, pending, session, account, locale).await?;
     response.headers_mut().append(
         header::SET_COOKIE,
-        set_cookie(&state, SESSION_COOKIE, &cookie, None),
+        set_cookie(state, SESSION_COOKIE, cookie, None),
     );
     Ok(response)
 }
@@ -376,21 +388,6 @@ async fn continue_after_login(
     }
 }
 
-async fn signed_in(
-    state: &AppState,
-    headers: &HeaderMap,
-) -> Result<Option<(BrowserSession, Account)>, PageError> {
-    let Some(session) = session::current(state, headers).await? else {
-        return Ok(None);
-    };
-    state
-        .store
-        .touch_session(&session.id, state.clock.now())
-        .await?;
-    let account = state.store.get_account(&session.account_id).await?;
-    Ok(account.map(|a| (session, a)))
-}
-
 fn step_up_form(
     state: &AppState,
     headers: &HeaderMap,
@@ -415,7 +412,7 @@ pub async fn step_up_page(
 ) -> Result<Response, PageError> {
     let browser = Browser::from_headers(&state, &headers);
     let pending = pending(&state, query.tx.as_deref(), &browser).await?;
-    let Some((_, account)) = signed_in(&state, &headers).await? else {
+    let Some((_, account)) = crate::enroll::signed_in(&state, &headers).await? else {
         let target = match &pending {
             Some((tx, _)) => format!("/login?tx={}", tx.id),
             None => "/login".into(),
@@ -442,7 +439,7 @@ pub async fn step_up_submit(
         .ok_or_else(PageError::csrf)?;
     let pending = pending(&state, params.get("tx"), &browser).await?;
     let locale = page_locale(&state, &headers, params.get("lang"), &pending);
-    let Some((mut session, account)) = signed_in(&state, &headers).await? else {
+    let Some((mut session, account)) = crate::enroll::signed_in(&state, &headers).await? else {
         return Ok(see_other("/login"));
     };
     if let Some(page) =
@@ -519,12 +516,7 @@ pub async fn step_up_submit(
     session.second_password_at = Some(now);
     session.last_seen_at = now;
     state.store.update_session(&session).await?;
-    let mut response = continue_after_login(&state, pending, &session, &account, locale).await?;
-    response.headers_mut().append(
-        header::SET_COOKIE,
-        set_cookie(&state, SESSION_COOKIE, &cookie, None),
-    );
-    Ok(response)
+    signed_in_response(&state, pending, &session, &account, locale, &cookie).await
 }
 
 /// The second-password level is locked: say until when, with the help desk (shown only after the
