@@ -695,7 +695,8 @@ pub async fn spawn(
             .route("/metrics", get(crate::metrics::render))
             .with_state(state.clone());
         tokio::spawn(async move {
-            let _ = axum::serve(metrics_listener, metrics_app).await;
+            let service = metrics_app.into_make_service_with_connect_info::<SocketAddr>();
+            let _ = axum::serve(metrics_listener, service).await;
         });
     }
     let transport = crate::mail::transport::Transport::from_config(&state.config.mail)?;

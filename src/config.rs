@@ -56,6 +56,12 @@ pub struct Config {
     pub enrollment: String,
     pub password_change_url: String,
     pub metrics_listen: String,
+    /// CIDRs allowed to read `/metrics` (empty = anyone who can reach it).
+    pub metrics_allow: Vec<IpNet>,
+    /// A bearer token `/metrics` requires, read from this file (empty = none).
+    pub metrics_token_file: Option<PathBuf>,
+    #[serde(skip)]
+    pub metrics_token: Option<Secret>,
     pub log_format: String,
     pub accent_color: String,
     pub logo_url: String,
@@ -88,6 +94,9 @@ impl Default for Config {
             enrollment: "always".into(),
             password_change_url: String::new(),
             metrics_listen: String::new(),
+            metrics_allow: vec![],
+            metrics_token_file: None,
+            metrics_token: None,
             log_format: "text".into(),
             accent_color: "#1f4e8c".into(),
             logo_url: String::new(),
@@ -530,6 +539,8 @@ const TOP_KEYS: &[(&str, Kind)] = &[
     ("enrollment", Text),
     ("password_change_url", Text),
     ("metrics_listen", Text),
+    ("metrics_allow", List),
+    ("metrics_token_file", Text),
     ("log_format", Text),
     ("accent_color", Text),
     ("logo_url", Text),
@@ -849,6 +860,9 @@ impl Config {
             {
                 self.directory.bind_password = secret;
             }
+        }
+        if let Some(path) = self.metrics_token_file.clone() {
+            self.metrics_token = read_secret_file("metrics_token_file", &path, problems);
         }
         if let Some(path) = self.mail.password_file.clone() {
             if let Some(secret) = read_secret_file("mail.password_file", &path, problems) {

@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -70,8 +70,32 @@ pub fn delivery(kind: &str, outcome: &'static str) {
     metrics::counter!("nidan_outbox_deliveries_total", "kind" => kind.to_string(), "outcome" => outcome).increment(1);
 }
 
-/// `/metrics`: gauges sampled at scrape time, then the recorder's text.
-pub async fn render(State(state): State<AppState>) -> Response {
+/// `/metrics`: gauges sampled at scrape time, then the recorder's text. Optionally limited to
+/// `metrics_allow` addresses and a bearer token from `metrics_token_file`.
+pub async fn render(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let allowed = &state.config.metrics_allow;
+    if !allowed.is_empty() && !allowed.iter().any(|net| net.contains(&peer.ip())) {
+        return axum::http::StatusCode::FORBIDDEN.into_response();
+    }
+    if let Some(token) = &state.config.metrics_token {
+        let presented = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !crate::crypto::constant_time_eq(presented.as_bytes(), token.expose().as_bytes()) {
+            let mut response = axum::http::StatusCode::UNAUTHORIZED.into_response();
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"nidan metrics\""),
+            );
+            return response;
+        }
+    }
     metrics::gauge!("nidan_argon2_queue_depth").set(state.hasher.queue_depth() as f64);
     if let Ok(depth) = state.store.pending_jobs().await {
         metrics::gauge!("nidan_outbox_depth").set(depth as f64);

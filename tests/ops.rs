@@ -1903,3 +1903,31 @@ async fn operator_commands_work_against_postgresql() {
         "{output:?}"
     );
 }
+
+#[tokio::test]
+async fn metrics_can_require_an_address_and_a_bearer_token() {
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("metrics-token");
+    std::fs::write(&token_file, "scrape-secret\n").unwrap();
+    let app = TestApp::builder(Backend::Sqlite)
+        .config(json!({ "metrics_token_file": token_file.display().to_string() }))
+        .build()
+        .await;
+    let without = app.get("/metrics").await;
+    assert_eq!(without.status, StatusCode::UNAUTHORIZED, "{without:?}");
+    let response = no_redirect_client()
+        .get(format!("{}/metrics", app.issuer))
+        .header(AUTHORIZATION, "Bearer scrape-secret")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.text().await.unwrap().contains("nidan_store_up"));
+
+    let elsewhere = TestApp::builder(Backend::Sqlite)
+        .config(json!({ "metrics_allow": ["192.0.2.0/24"] }))
+        .build()
+        .await;
+    let refused = elsewhere.get("/metrics").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{refused:?}");
+}
