@@ -2,8 +2,8 @@
 //! so a burst of logins queues instead of starving every other request.
 use std::sync::Arc;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString};
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use tokio::sync::Semaphore;
 
 use crate::clock::random_bytes;
@@ -26,14 +26,45 @@ pub fn hash_with(params: &Params, password: &str) -> String {
         .to_string()
 }
 
+#[cfg(test)]
 fn verify_blocking(hash: &str, password: &str) -> bool {
-    match PasswordHash::new(hash) {
-        // The parameters come from the PHC string, so old hashes keep verifying after a change.
-        Ok(parsed) => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
-        Err(_) => false,
+    verify_with_memory(hash, password, &mut Vec::new())
+}
+
+/// Verifies with a reusable block buffer: a fresh 19 MiB allocation per check would leave every
+/// malloc arena of the blocking threads holding one, and the process would only grow.
+fn verify_with_memory(hash: &str, password: &str, memory: &mut Vec<Block>) -> bool {
+    // The parameters come from the PHC string, so old hashes keep verifying after a change.
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let (Some(expected), Some(salt)) = (parsed.hash, parsed.salt) else {
+        return false;
+    };
+    let Ok(algorithm) = Algorithm::try_from(parsed.algorithm) else {
+        return false;
+    };
+    let version = match parsed.version.map(Version::try_from) {
+        None => Version::V0x13,
+        Some(Ok(version)) => version,
+        Some(Err(_)) => return false,
+    };
+    let Ok(params) = Params::try_from(&parsed) else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
     }
+    let mut out = vec![0u8; expected.len()];
+    Argon2::new(algorithm, version, params)
+        .hash_password_into_with_memory(password.as_bytes(), salt, &mut out, &mut memory[..blocks])
+        .is_ok()
+        && crate::crypto::constant_time_eq(&out, expected.as_bytes())
 }
 
 pub struct PasswordHasher {
@@ -42,6 +73,8 @@ pub struct PasswordHasher {
     /// Verified against when there is no real hash, so timing does not reveal who exists.
     dummy_hash: String,
     waiting: std::sync::atomic::AtomicI64,
+    /// One block buffer per permit, reused by every verification.
+    buffers: Arc<std::sync::Mutex<Vec<Vec<Block>>>>,
 }
 
 impl PasswordHasher {
@@ -53,6 +86,7 @@ impl PasswordHasher {
             params,
             dummy_hash,
             waiting: Default::default(),
+            buffers: Default::default(),
         })
     }
 
@@ -81,7 +115,22 @@ impl PasswordHasher {
         let real = hash.is_some();
         let hash = hash.unwrap_or(&self.dummy_hash).to_string();
         let password = password.to_string();
-        let ok = self.run(move || verify_blocking(&hash, &password)).await;
+        let buffers = self.buffers.clone();
+        let ok = self
+            .run(move || {
+                let mut memory = buffers
+                    .lock()
+                    .map(|mut b| b.pop())
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                let ok = verify_with_memory(&hash, &password, &mut memory);
+                if let Ok(mut b) = buffers.lock() {
+                    b.push(memory);
+                }
+                ok
+            })
+            .await;
         ok && real
     }
 

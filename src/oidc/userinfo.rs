@@ -20,16 +20,14 @@ pub async fn active_access_token(
     token: &str,
 ) -> Result<Option<(AccessToken, Grant)>, crate::store::StoreError> {
     let now = state.clock.now();
-    let Some(row) = state.store.find_access_token(&token_digest(token)).await? else {
+    let Some((row, grant)) = state
+        .store
+        .find_access_token_with_grant(&token_digest(token))
+        .await?
+    else {
         return Ok(None);
     };
-    if row.revoked_at.is_some() || row.expires_at <= now {
-        return Ok(None);
-    }
-    let Some(grant) = state.store.get_grant(&row.grant_id).await? else {
-        return Ok(None);
-    };
-    if grant.revoked_at.is_some() {
+    if row.revoked_at.is_some() || row.expires_at <= now || grant.revoked_at.is_some() {
         return Ok(None);
     }
     Ok(Some((row, grant)))

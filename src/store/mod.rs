@@ -361,6 +361,11 @@ pub trait Store: Send + Sync + 'static {
     async fn update_grant_claims(&self, id: &str, claims: &str) -> StoreResult<()>;
     async fn insert_access_token(&self, token: &AccessToken) -> StoreResult<()>;
     async fn find_access_token(&self, digest: &str) -> StoreResult<Option<AccessToken>>;
+    /// An access token with its grant, in one query (userinfo and introspection are hot paths).
+    async fn find_access_token_with_grant(
+        &self,
+        digest: &str,
+    ) -> StoreResult<Option<(AccessToken, Grant)>>;
     async fn revoke_access_token(&self, digest: &str, now: Timestamp) -> StoreResult<()>;
     async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()>;
     async fn find_refresh_token(&self, digest: &str) -> StoreResult<Option<RefreshToken>>;

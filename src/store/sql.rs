@@ -498,6 +498,29 @@ macro_rules! sql_store {
                     .await?)
             }
 
+            async fn find_access_token_with_grant(&self, digest: &str) -> StoreResult<Option<(AccessToken, Grant)>> {
+                use sqlx::Row;
+                let row = sqlx::query(
+                    "SELECT t.digest AS t_digest, t.scope AS t_scope, t.created_at AS t_created_at, \
+                     t.expires_at AS t_expires_at, t.revoked_at AS t_revoked_at, g.* \
+                     FROM access_tokens t JOIN grants g ON g.id = t.grant_id WHERE t.digest = $1",
+                )
+                .bind(digest)
+                .fetch_optional(&self.pool)
+                .await?;
+                let Some(row) = row else { return Ok(None) };
+                let grant = Grant::from_row(&row)?;
+                let token = AccessToken {
+                    digest: row.try_get("t_digest")?,
+                    grant_id: grant.id.clone(),
+                    scope: row.try_get("t_scope")?,
+                    created_at: row.try_get("t_created_at")?,
+                    expires_at: row.try_get("t_expires_at")?,
+                    revoked_at: row.try_get("t_revoked_at")?,
+                };
+                Ok(Some((token, grant)))
+            }
+
             async fn revoke_access_token(&self, digest: &str, now: Timestamp) -> StoreResult<()> {
                 sqlx::query("UPDATE access_tokens SET revoked_at = $2 WHERE digest = $1 AND revoked_at IS NULL")
                     .bind(digest)
