@@ -24,6 +24,64 @@ macro_rules! sql_store {
             Ok(())
         }
 
+        async fn insert_grant_with<'e, E: sqlx::Executor<'e, Database = $db>>(executor: E, g: &Grant) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO grants (id, client_id, account_id, session_id, sid, scope, claims_request, \
+                 acr, auth_time, claims, offline, created_at, expires_at, revoked_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            )
+            .bind(&g.id)
+            .bind(&g.client_id)
+            .bind(&g.account_id)
+            .bind(&g.session_id)
+            .bind(&g.sid)
+            .bind(&g.scope)
+            .bind(&g.claims_request)
+            .bind(&g.acr)
+            .bind(g.auth_time)
+            .bind(&g.claims)
+            .bind(g.offline)
+            .bind(g.created_at)
+            .bind(g.expires_at)
+            .bind(g.revoked_at)
+            .execute(executor)
+            .await?;
+            Ok(())
+        }
+
+        async fn insert_access_token_with<'e, E: sqlx::Executor<'e, Database = $db>>(executor: E, t: &AccessToken) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO access_tokens (digest, grant_id, scope, created_at, expires_at, revoked_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&t.digest)
+            .bind(&t.grant_id)
+            .bind(&t.scope)
+            .bind(t.created_at)
+            .bind(t.expires_at)
+            .bind(t.revoked_at)
+            .execute(executor)
+            .await?;
+            Ok(())
+        }
+
+        async fn insert_refresh_token_with<'e, E: sqlx::Executor<'e, Database = $db>>(executor: E, t: &RefreshToken) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO refresh_tokens (digest, grant_id, scope, created_at, expires_at, \
+                 consumed_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&t.digest)
+            .bind(&t.grant_id)
+            .bind(&t.scope)
+            .bind(t.created_at)
+            .bind(t.expires_at)
+            .bind(t.consumed_at)
+            .bind(t.revoked_at)
+            .execute(executor)
+            .await?;
+            Ok(())
+        }
+
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             fn backend(&self) -> &'static str {
@@ -403,28 +461,7 @@ macro_rules! sql_store {
             }
 
             async fn insert_grant(&self, g: &Grant) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO grants (id, client_id, account_id, session_id, sid, scope, claims_request, \
-                     acr, auth_time, claims, offline, created_at, expires_at, revoked_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-                )
-                .bind(&g.id)
-                .bind(&g.client_id)
-                .bind(&g.account_id)
-                .bind(&g.session_id)
-                .bind(&g.sid)
-                .bind(&g.scope)
-                .bind(&g.claims_request)
-                .bind(&g.acr)
-                .bind(g.auth_time)
-                .bind(&g.claims)
-                .bind(g.offline)
-                .bind(g.created_at)
-                .bind(g.expires_at)
-                .bind(g.revoked_at)
-                .execute(&self.pool)
-                .await?;
-                Ok(())
+                insert_grant_with(&self.pool, g).await
             }
 
             async fn get_grant(&self, id: &str) -> StoreResult<Option<Grant>> {
@@ -476,19 +513,7 @@ macro_rules! sql_store {
             }
 
             async fn insert_access_token(&self, t: &AccessToken) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO access_tokens (digest, grant_id, scope, created_at, expires_at, revoked_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(&t.digest)
-                .bind(&t.grant_id)
-                .bind(&t.scope)
-                .bind(t.created_at)
-                .bind(t.expires_at)
-                .bind(t.revoked_at)
-                .execute(&self.pool)
-                .await?;
-                Ok(())
+                insert_access_token_with(&self.pool, t).await
             }
 
             async fn find_access_token(&self, digest: &str) -> StoreResult<Option<AccessToken>> {
@@ -531,20 +556,7 @@ macro_rules! sql_store {
             }
 
             async fn insert_refresh_token(&self, t: &RefreshToken) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO refresh_tokens (digest, grant_id, scope, created_at, expires_at, \
-                     consumed_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(&t.digest)
-                .bind(&t.grant_id)
-                .bind(&t.scope)
-                .bind(t.created_at)
-                .bind(t.expires_at)
-                .bind(t.consumed_at)
-                .bind(t.revoked_at)
-                .execute(&self.pool)
-                .await?;
-                Ok(())
+                insert_refresh_token_with(&self.pool, t).await
             }
 
             async fn find_refresh_token(&self, digest: &str) -> StoreResult<Option<RefreshToken>> {
@@ -929,51 +941,11 @@ macro_rules! sql_store {
                     return Ok(false);
                 }
                 if let Some(g) = grant {
-                    sqlx::query(
-                        "INSERT INTO grants (id, client_id, account_id, session_id, sid, scope, claims_request, \
-                         acr, auth_time, claims, offline, created_at, expires_at, revoked_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-                    )
-                    .bind(&g.id)
-                    .bind(&g.client_id)
-                    .bind(&g.account_id)
-                    .bind(&g.session_id)
-                    .bind(&g.sid)
-                    .bind(&g.scope)
-                    .bind(&g.claims_request)
-                    .bind(&g.acr)
-                    .bind(g.auth_time)
-                    .bind(&g.claims)
-                    .bind(g.offline)
-                    .bind(g.created_at)
-                    .bind(g.expires_at)
-                    .bind(g.revoked_at)
-                    .execute(&mut *tx)
-                    .await?;
+                    insert_grant_with(&mut *tx, g).await?;
                 }
-                sqlx::query(
-                    "INSERT INTO access_tokens (digest, grant_id, scope, created_at, expires_at, revoked_at) \
-                     VALUES ($1, $2, $3, $4, $5, NULL)",
-                )
-                .bind(&access.digest)
-                .bind(&access.grant_id)
-                .bind(&access.scope)
-                .bind(access.created_at)
-                .bind(access.expires_at)
-                .execute(&mut *tx)
-                .await?;
+                insert_access_token_with(&mut *tx, access).await?;
                 if let Some(r) = refresh {
-                    sqlx::query(
-                        "INSERT INTO refresh_tokens (digest, grant_id, scope, created_at, expires_at, \
-                         consumed_at, revoked_at) VALUES ($1, $2, $3, $4, $5, NULL, NULL)",
-                    )
-                    .bind(&r.digest)
-                    .bind(&r.grant_id)
-                    .bind(&r.scope)
-                    .bind(r.created_at)
-                    .bind(r.expires_at)
-                    .execute(&mut *tx)
-                    .await?;
+                    insert_refresh_token_with(&mut *tx, r).await?;
                 }
                 tx.commit().await?;
                 Ok(true)
