@@ -546,6 +546,7 @@ pub async fn sync_config_clients(
 pub async fn build_state(config: Config, runtime: Runtime) -> anyhow::Result<AppState> {
     let clock = runtime.clock;
     crate::metrics::handle();
+    crate::metrics::spawn_upkeep();
     let kek = load_kek(&config)?;
     let secrets = derive_secrets(&kek);
     let store = crate::store::connect(&config.database_url)

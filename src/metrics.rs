@@ -29,6 +29,20 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
+/// Histograms keep their samples until upkeep folds them in; without it memory grows with traffic.
+pub fn spawn_upkeep() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        tokio::spawn(async {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                handle().run_upkeep();
+            }
+        });
+    });
+}
+
 pub async fn track_requests(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
