@@ -11,7 +11,7 @@ use minijinja::context;
 use super::email::{sent_page, PageQuery};
 use super::links::{self, LinkMail};
 use super::second_password::{forget_university_hash, violations};
-use super::{email_errors, normalize_email, read_form, signed_in, Enrollment};
+use super::{email_errors, errors_status, normalize_email, read_form, signed_in, Enrollment};
 use crate::app::{see_other, AppState};
 use crate::auth::csrf::Browser;
 use crate::auth::second_password::{check, Violation};
@@ -44,14 +44,6 @@ pub async fn menu_session(
     Ok(Ok((session, account)))
 }
 
-fn errors_status(errors: &[&str]) -> StatusCode {
-    if errors.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::UNPROCESSABLE_ENTITY
-    }
-}
-
 fn email_form(
     state: &AppState,
     headers: &HeaderMap,
@@ -76,10 +68,9 @@ pub async fn email_page(
     headers: HeaderMap,
     Query(query): Query<PageQuery>,
 ) -> Result<Response, PageError> {
-    let (_, _) = match menu_session(&state, &headers).await? {
-        Ok(found) => found,
-        Err(redirect) => return Ok(redirect),
-    };
+    if let Err(redirect) = menu_session(&state, &headers).await? {
+        return Ok(redirect);
+    }
     let browser = Browser::from_headers(&state, &headers);
     let locale = state.locale_for(&headers, query.lang.as_deref(), None);
     email_form(&state, &headers, &browser, locale, None, vec![])

@@ -2,7 +2,7 @@
 //! link; the registration completes when the link is confirmed.
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use minijinja::context;
 use serde::Deserialize;
@@ -29,11 +29,7 @@ pub fn form(
     email: Option<&str>,
     errors: Vec<&str>,
 ) -> Result<Response, PageError> {
-    let status = if errors.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::UNPROCESSABLE_ENTITY
-    };
+    let status = super::errors_status(&errors);
     let ctx = context! {
         tx => tx,
         email => email,

@@ -115,6 +115,15 @@ pub fn email_errors(state: &AppState, email: &str, confirmation: &str) -> Vec<&'
     errors
 }
 
+/// A form page answers 422 while it shows broken rules, 200 otherwise.
+pub fn errors_status(errors: &[&str]) -> axum::http::StatusCode {
+    if errors.is_empty() {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::UNPROCESSABLE_ENTITY
+    }
+}
+
 /// A form post: parsed, CSRF-checked.
 pub fn read_form(
     state: &AppState,

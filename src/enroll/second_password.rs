@@ -3,7 +3,7 @@
 //! kept on the session (never the password itself).
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use minijinja::context;
 
@@ -24,11 +24,7 @@ fn form(
     tx: Option<String>,
     errors: Vec<&str>,
 ) -> Result<Response, PageError> {
-    let status = if errors.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::UNPROCESSABLE_ENTITY
-    };
+    let status = super::errors_status(&errors);
     state.page_with_status(
         status,
         locale,
