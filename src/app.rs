@@ -33,6 +33,8 @@ pub struct Secrets {
     pub csrf: Vec<u8>,
     pub client_secret: Vec<u8>,
     pub pairwise: Vec<u8>,
+    /// Tags clients' own (client_credentials) access tokens.
+    pub client_token: Vec<u8>,
 }
 
 pub struct Inner {
@@ -57,6 +59,8 @@ pub struct Inner {
     /// Wakes this replica's outbox worker when a job is queued.
     pub outbox_wakeup: tokio::sync::Notify,
     pub audit: crate::audit::AuditLog,
+    /// Client registrations, each kept for a second.
+    pub clients: oidc::clients::ClientCache,
 }
 
 #[derive(Clone)]
@@ -498,6 +502,7 @@ pub fn derive_secrets(kek: &Kek) -> Secrets {
         csrf: kek.derive("nidan csrf v1"),
         client_secret: kek.derive("nidan client secret v1"),
         pairwise: kek.derive("nidan pairwise subject v1"),
+        client_token: kek.derive("nidan client access token v1"),
     }
 }
 
@@ -602,6 +607,7 @@ pub async fn build_state(config: Config, runtime: Runtime) -> anyhow::Result<App
         shutting_down: AtomicBool::new(false),
         outbox_wakeup: tokio::sync::Notify::new(),
         audit: crate::audit::AuditLog::new(),
+        clients: Default::default(),
     })))
 }
 

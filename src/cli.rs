@@ -2,6 +2,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -355,6 +356,9 @@ async fn client_command(config: Config, command: ClientCommand) -> anyhow::Resul
                 &format!("client {client_id}"),
             )
             .await?;
+            // Running replicas may answer from their copy for this long; once it has passed,
+            // every one of them refuses the client.
+            tokio::time::sleep(crate::oidc::clients::CACHE_TTL + Duration::from_millis(100)).await;
             println!("client {client_id} removed");
             Ok(())
         }

@@ -12,6 +12,7 @@ on_both_backends!(
     refresh_rotates_and_reuse_revokes_the_whole_grant,
     private_key_jwt_assertions_are_single_use,
     revoked_access_token_fails_at_userinfo_at_once,
+    client_credentials_tokens_are_checked_revoked_and_expire,
 );
 
 /// A code (and the request that produced it) for `client_id`, with TARO signed in.
@@ -427,6 +428,61 @@ async fn client_credentials_without_scope_gives_an_access_token_only() {
     assert_eq!(introspection["active"], true);
     assert_eq!(introspection["client_id"], "rp-basic");
     assert!(introspection.get("sub").is_none() || introspection["sub"] == "rp-basic");
+}
+
+/// A client's own token is self-contained: checked by its tag, revocable by its client only,
+/// ended by its expiry or by removing the client, never valid at userinfo.
+async fn client_credentials_tokens_are_checked_revoked_and_expire(backend: Backend) {
+    let app = TestApp::start(backend).await;
+    let issue = || async {
+        let reply = app
+            .token(
+                &app.auth("rp-basic"),
+                &[("grant_type", "client_credentials"), ("scope", "profile")],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        reply.json()["access_token"].as_str().unwrap().to_string()
+    };
+    let (first, second) = (issue().await, issue().await);
+    assert_ne!(first, second, "every token is unique");
+    let introspection = app.introspect(&first).await;
+    assert_eq!(introspection["active"], true, "{introspection}");
+    assert_eq!(introspection["scope"], "profile");
+    assert_eq!(introspection["token_type"], "Bearer");
+    assert!(introspection["exp"].as_i64() > introspection["iat"].as_i64());
+
+    // Altered tokens are unknown tokens.
+    let (payload, tag) = first.rsplit_once('.').unwrap();
+    let mut forged_payload = payload.to_string();
+    let last = forged_payload.pop().unwrap();
+    forged_payload.push(if last == 'A' { 'B' } else { 'A' });
+    for forged in [
+        format!("{forged_payload}.{tag}"),
+        format!("{payload}.x{tag}"),
+    ] {
+        assert_eq!(app.introspect(&forged).await["active"], false, "{forged}");
+    }
+
+    // Not a user's token: userinfo refuses it.
+    let userinfo = app.userinfo(&first).await;
+    assert!(
+        matches!(userinfo.status.as_u16(), 401 | 403),
+        "{userinfo:?}"
+    );
+
+    // Another client's revocation is ignored; the owner's takes effect, for that token only.
+    let reply = app.revoke(&app.auth("rp-post"), &first).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(app.introspect(&first).await["active"], true);
+    let reply = app.revoke(&app.auth("rp-basic"), &first).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(app.introspect(&first).await["active"], false);
+    assert_eq!(app.introspect(&second).await["active"], true);
+
+    // Expiry.
+    app.advance(3600 + 1);
+    assert_eq!(app.introspect(&second).await["active"], false);
 }
 
 #[tokio::test]

@@ -1,5 +1,9 @@
 //! Relying parties: loading them from the store and authenticating them at the token,
 //! introspection and revocation endpoints.
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
 use axum::http::{header, HeaderMap};
 use josekit::jwk::JwkSet;
 use serde_json::Value;
@@ -31,14 +35,62 @@ pub fn secret_digest(state_key: &[u8], secret: &str) -> String {
     keyed_digest(state_key, secret.as_bytes())
 }
 
-pub async fn find(state: &AppState, client_id: &str) -> Result<Option<Client>, OAuthError> {
+/// How long a replica may answer from its copy of a client registration. `nidan client remove`
+/// waits this long before it reports the client gone, so a removal holds on every replica once
+/// the command returns; a new client or a new secret is seen at once (a miss or a secret that
+/// does not match reads the store again).
+pub const CACHE_TTL: Duration = Duration::from_secs(1);
+/// Registrations are few; past this many the cache starts over rather than grow.
+const CACHE_LIMIT: usize = 4096;
+
+/// Client registrations read from the store, kept for [`CACHE_TTL`]: the token, introspection
+/// and userinfo endpoints need one on every request.
+#[derive(Default)]
+pub struct ClientCache {
+    entries: RwLock<HashMap<String, (Instant, Arc<Client>)>>,
+}
+
+impl ClientCache {
+    fn get(&self, client_id: &str) -> Option<Arc<Client>> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let (at, client) = entries.get(client_id)?;
+        (at.elapsed() < CACHE_TTL).then(|| client.clone())
+    }
+
+    fn put(&self, client: Arc<Client>) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= CACHE_LIMIT {
+            entries.clear();
+        }
+        entries.insert(client.client_id.clone(), (Instant::now(), client));
+    }
+
+    fn forget(&self, client_id: &str) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        entries.remove(client_id);
+    }
+}
+
+/// A registered client, from this replica's cache when it is fresh.
+pub async fn find(state: &AppState, client_id: &str) -> Result<Option<Arc<Client>>, OAuthError> {
     if client_id.len() > 255 {
         return Ok(None);
     }
+    if let Some(client) = state.clients.get(client_id) {
+        return Ok(Some(client));
+    }
+    load(state, client_id).await
+}
+
+/// A registered client read from the store, refreshing the cache.
+async fn load(state: &AppState, client_id: &str) -> Result<Option<Arc<Client>>, OAuthError> {
     let Some(row) = state.store.get_client(client_id).await? else {
+        state.clients.forget(client_id);
         return Ok(None);
     };
-    Ok(Some(from_row(row)?))
+    let client = Arc::new(from_row(row)?);
+    state.clients.put(client.clone());
+    Ok(Some(client))
 }
 
 pub fn from_row(row: ClientRow) -> anyhow::Result<Client> {
@@ -161,9 +213,9 @@ pub async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
     params: &Params,
-) -> Result<Client, OAuthError> {
+) -> Result<Arc<Client>, OAuthError> {
     let presented = presented(headers, params)?;
-    let client = find(state, &presented.client_id)
+    let mut client = find(state, &presented.client_id)
         .await?
         .ok_or_else(|| OAuthError::invalid_client("unknown client or wrong credentials"))?;
     if client.token_endpoint_auth_method != presented.method {
@@ -176,15 +228,38 @@ pub async fn authenticate(
         "client_secret_basic" | "client_secret_post" => {
             let secret = presented.secret.unwrap_or_default();
             let digest = secret_digest(&state.secrets.client_secret, &secret);
-            let expected = client.secret_digest.clone().unwrap_or_default();
-            if expected.is_empty() || !constant_time_eq(digest.as_bytes(), expected.as_bytes()) {
-                return Err(OAuthError::invalid_client(
-                    "unknown client or wrong credentials",
-                ));
+            let matches = |client: &Client| {
+                let expected = client.secret_digest.as_deref().unwrap_or_default();
+                !expected.is_empty() && constant_time_eq(digest.as_bytes(), expected.as_bytes())
+            };
+            if !matches(&client) {
+                // The registration may have changed since it was cached: ask the store once.
+                client = load(state, &presented.client_id)
+                    .await?
+                    .filter(|fresh| matches(fresh))
+                    .ok_or_else(|| {
+                        OAuthError::invalid_client("unknown client or wrong credentials")
+                    })?;
+                if client.token_endpoint_auth_method != presented.method {
+                    return Err(OAuthError::invalid_client(
+                        "unknown client or wrong credentials",
+                    ));
+                }
             }
         }
         "private_key_jwt" => {
-            verify_assertion(state, &client, presented.assertion.as_deref().unwrap_or("")).await?;
+            let assertion = presented.assertion.as_deref().unwrap_or("");
+            if let Err(error) = verify_assertion(state, &client, assertion).await {
+                // Keys may have been registered since the client was cached.
+                let Some(fresh) = load(state, &presented.client_id).await? else {
+                    return Err(error);
+                };
+                if fresh.token_endpoint_auth_method != presented.method {
+                    return Err(error);
+                }
+                verify_assertion(state, &fresh, assertion).await?;
+                client = fresh;
+            }
         }
         _ => {}
     }

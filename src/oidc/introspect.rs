@@ -13,13 +13,13 @@ use super::userinfo::{active_access_token, active_refresh_token};
 use crate::app::AppState;
 use crate::crypto::token_digest;
 use crate::error::OAuthError;
-use crate::store::Grant;
+use crate::store::{AccessToken, Grant, TokenOwner};
 
 async fn read(
     state: &AppState,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<(clients::Client, Params), OAuthError> {
+) -> Result<(std::sync::Arc<clients::Client>, Params), OAuthError> {
     if !is_form(headers) {
         return Err(OAuthError::invalid_request(
             "the body must be application/x-www-form-urlencoded",
@@ -28,6 +28,51 @@ async fn read(
     let params = Params::parse(body).map_err(|e| OAuthError::invalid_request(e.describe()))?;
     let client = clients::authenticate(state, headers, &params).await?;
     Ok((client, params))
+}
+
+/// What introspection reports of a live token.
+struct Found {
+    grant: Grant,
+    token_type: &'static str,
+    exp: i64,
+    iat: i64,
+    scope: String,
+    owner: Option<TokenOwner>,
+}
+
+impl Found {
+    fn new(token: AccessToken, grant: Grant, owner: Option<TokenOwner>) -> Found {
+        Found {
+            grant,
+            token_type: "Bearer",
+            exp: token.expires_at,
+            iat: token.created_at,
+            scope: token.scope,
+            owner,
+        }
+    }
+}
+
+/// A live refresh token with its grant and account.
+async fn refresh_view(state: &AppState, token: &str) -> Result<Option<Found>, OAuthError> {
+    let Some((token, grant)) = active_refresh_token(state, token).await? else {
+        return Ok(None);
+    };
+    let owner = match &grant.account_id {
+        Some(id) => state.store.get_account(id).await?.map(|a| TokenOwner {
+            sub: a.sub,
+            username: a.username,
+        }),
+        None => None,
+    };
+    Ok(Some(Found {
+        grant,
+        token_type: "refresh_token",
+        exp: token.expires_at,
+        iat: token.created_at,
+        scope: token.scope,
+        owner,
+    }))
 }
 
 pub async fn introspect(
@@ -45,23 +90,32 @@ pub async fn introspect(
         .get("token")
         .ok_or_else(|| OAuthError::invalid_request("token is missing"))?;
     let refresh_first = params.get("token_type_hint") == Some("refresh_token");
-    let mut found: Option<(Grant, &str, i64, i64, String)> = None;
+    let mut found = None;
     for kind in if refresh_first {
         ["refresh_token", "access_token"]
     } else {
         ["access_token", "refresh_token"]
     } {
-        if kind == "access_token" {
-            if let Some((t, g)) = active_access_token(&state, token).await? {
-                found = Some((g, "Bearer", t.expires_at, t.created_at, t.scope));
-                break;
-            }
-        } else if let Some((t, g)) = active_refresh_token(&state, token).await? {
-            found = Some((g, "refresh_token", t.expires_at, t.created_at, t.scope));
+        found = if kind == "access_token" {
+            active_access_token(&state, token)
+                .await?
+                .map(|view| Found::new(view.token, view.grant, view.owner))
+        } else {
+            refresh_view(&state, token).await?
+        };
+        if found.is_some() {
             break;
         }
     }
-    let Some((grant, token_type, exp, iat, scope)) = found else {
+    let Some(Found {
+        grant,
+        token_type,
+        exp,
+        iat,
+        scope,
+        owner,
+    }) = found
+    else {
         return Ok(no_store(
             axum::Json(json!({ "active": false })).into_response(),
         ));
@@ -75,13 +129,12 @@ pub async fn introspect(
         "iss": state.config.issuer,
         "scope": scope,
     });
-    if let Some(account_id) = &grant.account_id {
-        if let (Some(account), Some(owner)) = (
-            state.store.get_account(account_id).await?,
-            clients::find(&state, &grant.client_id).await?,
-        ) {
-            body["sub"] = json!(super::claims::subject(&state, &owner, &account.sub));
-            body["username"] = json!(account.username);
+    if grant.account_id.is_some() {
+        if let (Some(owner), Some(issued_to)) =
+            (owner, clients::find(&state, &grant.client_id).await?)
+        {
+            body["sub"] = json!(super::claims::subject(&state, &issued_to, &owner.sub));
+            body["username"] = json!(owner.username);
         }
         body["aud"] = json!(grant.client_id);
     }
@@ -109,7 +162,14 @@ pub async fn revoke(
     let now = state.clock.now();
     let digest = token_digest(token);
     // Unknown tokens and other clients' tokens get the same 200 (RFC 7009 §2.2).
-    if let Some(row) = state.store.find_access_token(&digest).await? {
+    if let Some(own) = super::service_token::open(&state, token) {
+        if own.client_id == client.client_id && own.expires_at > now {
+            state
+                .store
+                .revoke_client_token(&digest, own.expires_at)
+                .await?;
+        }
+    } else if let Some(row) = state.store.find_access_token(&digest).await? {
         if let Some(grant) = state.store.get_grant(&row.grant_id).await? {
             if grant.client_id == client.client_id {
                 state.store.revoke_access_token(&digest, now).await?;

@@ -52,7 +52,7 @@ pub async fn logout(
         (Some(id), _) => Some(id.to_string()),
         (None, aud) => aud.clone(),
     };
-    let client: Option<Client> = match &client_id {
+    let client: Option<std::sync::Arc<Client>> = match &client_id {
         Some(id) => Some(
             clients::find(&state, id)
                 .await

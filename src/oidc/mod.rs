@@ -8,5 +8,6 @@ pub mod discovery;
 pub mod introspect;
 pub mod logout;
 pub mod params;
+pub mod service_token;
 pub mod token;
 pub mod userinfo;

@@ -360,33 +360,16 @@ async fn client_credentials(
     }
     let now = state.clock.now();
     let lifetime = state.config.lifetimes.access_token.as_secs() as i64;
-    let grant = Grant {
-        id: random_id(),
-        client_id: client.client_id.clone(),
-        account_id: None,
-        session_id: None,
-        sid: None,
-        scope: requested.join(" "),
-        claims_request: None,
-        acr: None,
-        auth_time: None,
-        claims: "{}".into(),
-        offline: 0,
-        created_at: now,
-        expires_at: now + lifetime,
-        revoked_at: None,
-    };
-    let mut minted = Minted::new(state, client, &grant, &grant.scope);
-    // client_credentials never gets a refresh token.
-    minted.refresh = None;
-    minted.commit(state, Consume::Nothing, Some(&grant)).await?;
+    // Self-contained: nothing is stored (see `service_token`).
+    let scope = requested.join(" ");
+    let access = super::service_token::issue(state, &client.client_id, &scope, now, now + lifetime);
     let mut body = json!({
-        "access_token": minted.access,
+        "access_token": access,
         "token_type": "Bearer",
         "expires_in": lifetime,
     });
-    if !grant.scope.is_empty() {
-        body["scope"] = Value::String(grant.scope.clone());
+    if !scope.is_empty() {
+        body["scope"] = Value::String(scope);
     }
     Ok(body)
 }

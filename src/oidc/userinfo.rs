@@ -11,26 +11,32 @@ use super::clients;
 use super::params::{is_form, Params};
 use crate::app::AppState;
 use crate::crypto::token_digest;
-use crate::error::BearerError;
-use crate::store::{AccessToken, Grant, RefreshToken};
+use crate::error::{BearerError, OAuthError};
+use crate::store::{Grant, RefreshToken, TokenView};
 
-/// A live access token with its grant.
+/// A live access token with its grant: a user's (stored) or a client's own (self-contained).
 pub async fn active_access_token(
     state: &AppState,
     token: &str,
-) -> Result<Option<(AccessToken, Grant)>, crate::store::StoreError> {
+) -> Result<Option<TokenView>, OAuthError> {
+    if token.contains('.') {
+        return super::service_token::active(state, token).await;
+    }
     let now = state.clock.now();
-    let Some((row, grant)) = state
+    let Some(view) = state
         .store
         .find_access_token_with_grant(&token_digest(token))
         .await?
     else {
         return Ok(None);
     };
-    if row.revoked_at.is_some() || row.expires_at <= now || grant.revoked_at.is_some() {
+    if view.token.revoked_at.is_some()
+        || view.token.expires_at <= now
+        || view.grant.revoked_at.is_some()
+    {
         return Ok(None);
     }
-    Ok(Some((row, grant)))
+    Ok(Some(view))
 }
 
 /// A live refresh token with its grant.
@@ -91,29 +97,29 @@ pub async fn userinfo(
         (Some(token), None) | (None, Some(token)) => token,
         (None, None) => return Err(BearerError::missing()),
     };
-    let (access, grant) = active_access_token(&state, &token)
+    // A store that cannot answer is our fault (5xx), never a reason to call the token invalid.
+    let TokenView {
+        token: access,
+        grant,
+        owner,
+    } = active_access_token(&state, &token)
         .await
-        .map_err(BearerError::server_error)?
+        .map_err(|e| BearerError::server_error(e.description))?
         .ok_or_else(|| {
             BearerError::invalid_token("the access token is invalid, expired or revoked")
         })?;
     let scopes: Vec<&str> = access.scope.split(' ').collect();
-    let (Some(account_id), true) = (&grant.account_id, scopes.contains(&"openid")) else {
+    if grant.account_id.is_none() || !scopes.contains(&"openid") {
         return Err(BearerError::insufficient_scope(
             "the token was not issued with the openid scope",
         ));
-    };
-    // A store that cannot answer is our fault (5xx), never a reason to call the token invalid.
+    }
     let client = clients::find(&state, &grant.client_id)
         .await
         .map_err(|e| BearerError::server_error(e.description))?
         .ok_or_else(|| BearerError::invalid_token("the client no longer exists"))?;
-    let account = state
-        .store
-        .get_account(account_id)
-        .await
-        .map_err(BearerError::server_error)?
-        .ok_or_else(|| BearerError::invalid_token("the account no longer exists"))?;
+    let account =
+        owner.ok_or_else(|| BearerError::invalid_token("the account no longer exists"))?;
     let snapshot: Value = serde_json::from_str(&grant.claims).unwrap_or_default();
     let claims_request: Option<Value> = grant
         .claims_request

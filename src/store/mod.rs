@@ -155,6 +155,22 @@ pub struct AccessToken {
     pub revoked_at: Option<Timestamp>,
 }
 
+/// An access token as userinfo and introspection see it.
+#[derive(Debug, Clone)]
+pub struct TokenView {
+    pub token: AccessToken,
+    pub grant: Grant,
+    /// The account's subject and university user ID; none for a client's own token or when the
+    /// account is gone.
+    pub owner: Option<TokenOwner>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenOwner {
+    pub sub: String,
+    pub username: String,
+}
+
 #[derive(Debug, Clone, FromRow)]
 pub struct RefreshToken {
     pub digest: String,
@@ -361,12 +377,13 @@ pub trait Store: Send + Sync + 'static {
     async fn update_grant_claims(&self, id: &str, claims: &str) -> StoreResult<()>;
     async fn insert_access_token(&self, token: &AccessToken) -> StoreResult<()>;
     async fn find_access_token(&self, digest: &str) -> StoreResult<Option<AccessToken>>;
-    /// An access token with its grant, in one query (userinfo and introspection are hot paths).
-    async fn find_access_token_with_grant(
-        &self,
-        digest: &str,
-    ) -> StoreResult<Option<(AccessToken, Grant)>>;
+    /// An access token with its grant and the account it was issued for, in one query
+    /// (userinfo and introspection are hot paths).
+    async fn find_access_token_with_grant(&self, digest: &str) -> StoreResult<Option<TokenView>>;
     async fn revoke_access_token(&self, digest: &str, now: Timestamp) -> StoreResult<()>;
+    /// Records a revoked client (client_credentials) token until it would have expired.
+    async fn revoke_client_token(&self, digest: &str, expires_at: Timestamp) -> StoreResult<()>;
+    async fn client_token_revoked(&self, digest: &str) -> StoreResult<bool>;
     async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()>;
     async fn find_refresh_token(&self, digest: &str) -> StoreResult<Option<RefreshToken>>;
     /// Consumes the refresh token of one of `client_id`'s grants; another client's is `NotFound`.

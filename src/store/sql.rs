@@ -523,12 +523,14 @@ macro_rules! sql_store {
                     .await?)
             }
 
-            async fn find_access_token_with_grant(&self, digest: &str) -> StoreResult<Option<(AccessToken, Grant)>> {
+            async fn find_access_token_with_grant(&self, digest: &str) -> StoreResult<Option<TokenView>> {
                 use sqlx::Row;
                 let row = sqlx::query(
                     "SELECT t.digest AS t_digest, t.scope AS t_scope, t.created_at AS t_created_at, \
-                     t.expires_at AS t_expires_at, t.revoked_at AS t_revoked_at, g.* \
-                     FROM access_tokens t JOIN grants g ON g.id = t.grant_id WHERE t.digest = $1",
+                     t.expires_at AS t_expires_at, t.revoked_at AS t_revoked_at, \
+                     a.sub AS a_sub, a.username AS a_username, g.* \
+                     FROM access_tokens t JOIN grants g ON g.id = t.grant_id \
+                     LEFT JOIN accounts a ON a.id = g.account_id WHERE t.digest = $1",
                 )
                 .bind(digest)
                 .fetch_optional(&self.pool)
@@ -543,7 +545,27 @@ macro_rules! sql_store {
                     expires_at: row.try_get("t_expires_at")?,
                     revoked_at: row.try_get("t_revoked_at")?,
                 };
-                Ok(Some((token, grant)))
+                let sub: Option<String> = row.try_get("a_sub")?;
+                let username: Option<String> = row.try_get("a_username")?;
+                let owner = sub.zip(username).map(|(sub, username)| TokenOwner { sub, username });
+                Ok(Some(TokenView { token, grant, owner }))
+            }
+
+            async fn revoke_client_token(&self, digest: &str, expires_at: Timestamp) -> StoreResult<()> {
+                sqlx::query("INSERT INTO revoked_client_tokens (digest, expires_at) VALUES ($1, $2) ON CONFLICT (digest) DO NOTHING")
+                    .bind(digest)
+                    .bind(expires_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn client_token_revoked(&self, digest: &str) -> StoreResult<bool> {
+                let found: Option<(i64,)> = sqlx::query_as("SELECT expires_at FROM revoked_client_tokens WHERE digest = $1")
+                    .bind(digest)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(found.is_some())
             }
 
             async fn revoke_access_token(&self, digest: &str, now: Timestamp) -> StoreResult<()> {
@@ -870,10 +892,11 @@ macro_rules! sql_store {
             async fn cleanup(&self, now: Timestamp, audit_before: Timestamp) -> StoreResult<CleanupReport> {
                 // Consumed codes and rotated refresh tokens stay until they expire, for reuse detection.
                 let day = 86_400;
-                let statements: [(&str, Timestamp); 11] = [
+                let statements: [(&str, Timestamp); 12] = [
                     ("DELETE FROM authorization_codes WHERE expires_at < $1", now - day),
                     ("DELETE FROM login_transactions WHERE expires_at < $1", now),
                     ("DELETE FROM access_tokens WHERE expires_at < $1", now),
+                    ("DELETE FROM revoked_client_tokens WHERE expires_at < $1", now),
                     ("DELETE FROM refresh_tokens WHERE expires_at < $1", now),
                     ("DELETE FROM grants WHERE expires_at < $1", now),
                     ("DELETE FROM browser_sessions WHERE expires_at < $1 OR ended_at < $1", now - day),
