@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use minijinja::{context, Value as Ctx};
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::auth::csrf::Browser;
@@ -204,7 +204,7 @@ impl AppState {
 /// The current path with `lang` switched to the other language, keeping the other parameters.
 fn lang_switch_url(headers: &HeaderMap, locale: Locale) -> String {
     let uri = headers
-        .get("x-nidan-original-uri")
+        .get(ORIGINAL_URI)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("/login");
     let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
@@ -298,22 +298,20 @@ pub fn router(state: AppState) -> Router {
             .route("/demo/start", get(crate::demo::demo_start))
             .route("/demo/callback", get(crate::demo::demo_callback));
     }
-    // The body limit sits inside the page and header layers, so a refused body still gets a page.
-    app.route_layer(middleware::from_fn(crate::metrics::track_requests))
-        .fallback(not_found)
-        .layer(RequestBodyLimitLayer::new(64 * 1024))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            render_page_errors,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            security_headers,
-        ))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+    // One composed stack, applied to each route once (every `Router::layer` call would box each
+    // route again). Outermost first. The body limit sits inside the page and header layer, so a
+    // refused body still gets a page; metrics see the matched route ("unmatched" for 404s).
+    let stack = tower::ServiceBuilder::new()
+        .layer(SetRequestIdLayer::x_request_id(crate::clock::RequestIds))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        .with_state(state)
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            pages_and_security_headers,
+        ))
+        .layer(middleware::from_fn(crate::metrics::track_requests))
+        .layer(RequestBodyLimitLayer::new(64 * 1024));
+    app.fallback(not_found).layer(stack).with_state(state)
 }
 
 /// The span every log line of a request carries: request id, method and a path that never
@@ -324,13 +322,19 @@ fn request_span(request: &Request) -> tracing::Span {
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
+    let method = request.method();
     let path = request.uri().path();
+    // Discovery, JWKS and the health check are answered from memory and log nothing at INFO; an
+    // INFO span, formatted as it is created, would be a tenth of their cost. At DEBUG they get one.
+    if path == "/jwks" || path.starts_with("/.well-known/") || path == "/healthz" {
+        return tracing::debug_span!("request", request_id = %id, method = %method, path = %path);
+    }
     let path = if path.starts_with("/link/") {
         "/link/…"
     } else {
         path
     };
-    tracing::info_span!("request", request_id = %id, method = %request.method(), path = %path)
+    tracing::info_span!("request", request_id = %id, method = %method, path = %path)
 }
 
 async fn not_found() -> PageError {
@@ -376,42 +380,83 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// Security headers on every response; HTML pages also get CSP and no-store.
-async fn security_headers(
+/// Paths that answer JSON or plain text and never render a page with a language switch.
+fn is_api_path(path: &str) -> bool {
+    matches!(
+        path,
+        "/jwks"
+            | "/token"
+            | "/userinfo"
+            | "/introspect"
+            | "/revoke"
+            | "/healthz"
+            | "/readyz"
+            | "/metrics"
+            | "/static/nidan.css"
+    ) || path.starts_with("/.well-known/")
+}
+
+/// The request headers an error page needs, copied before the request is handed on (a full copy
+/// of every request's headers would cost every request for the rare error page).
+fn page_headers(request: &Request) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    for name in [header::ACCEPT_LANGUAGE, header::COOKIE] {
+        for value in request.headers().get_all(&name) {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    kept
+}
+
+/// Every response gets the security headers (HTML pages and redirects also CSP and no-store),
+/// and a `PageError` left in a response becomes the localized error page.
+async fn pages_and_security_headers(
     State(state): State<AppState>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let original = request.uri().to_string();
-    if let Ok(value) = HeaderValue::from_str(&original) {
-        request
-            .headers_mut()
-            .insert(HeaderName::from_static("x-nidan-original-uri"), value);
+    if is_api_path(request.uri().path()) {
+        request.headers_mut().remove(ORIGINAL_URI);
+    } else if let Ok(value) = HeaderValue::from_str(&request.uri().to_string()) {
+        // Pages link to themselves in the other language.
+        request.headers_mut().insert(ORIGINAL_URI, value);
     }
-    let mut response = next.run(request).await;
-    let headers = response.headers_mut();
-    headers.insert(
+    let mut headers = page_headers(&request);
+    if let Some(uri) = request.headers().get(ORIGINAL_URI) {
+        headers.insert(ORIGINAL_URI, uri.clone());
+    }
+    let query_lang = request
+        .uri()
+        .query()
+        .filter(|q| q.contains("lang"))
+        .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "lang"))
+        .map(|(_, v)| v.into_owned());
+    let is_get = request.method() == Method::GET;
+    let response = next.run(request).await;
+    let mut response = render_page_error(&state, response, &headers, query_lang, is_get);
+    let out = response.headers_mut();
+    out.insert(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    headers.insert(
+    out.insert(
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    let is_html = headers
+    out.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    let is_html = out
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/html"));
     if is_html || response.status().is_redirection() {
-        let headers = response.headers_mut();
-        headers.insert(
+        let out = response.headers_mut();
+        out.insert(
             header::CONTENT_SECURITY_POLICY,
             HeaderValue::from_static(
                 "default-src 'none'; style-src 'self'; img-src 'self' https: data:; base-uri 'none'; frame-ancestors 'none'",
             ),
         );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     if state.config.is_https() {
         response.headers_mut().insert(
@@ -422,20 +467,17 @@ async fn security_headers(
     response
 }
 
+/// The request URI as the client sent it, for the language switch of pages.
+const ORIGINAL_URI: HeaderName = HeaderName::from_static("x-nidan-original-uri");
+
 /// Turns a `PageError` left in a response into the localized error page.
-async fn render_page_errors(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
+fn render_page_error(
+    state: &AppState,
+    response: Response,
+    headers: &HeaderMap,
+    query_lang: Option<String>,
+    is_get: bool,
 ) -> Response {
-    let headers = request.headers().clone();
-    let query_lang = request
-        .uri()
-        .query()
-        .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "lang"))
-        .map(|(_, v)| v.into_owned());
-    let is_get = request.method() == Method::GET;
-    let response = next.run(request).await;
     let status = response.status();
     let error = match response.extensions().get::<PageError>() {
         Some(error) => error.clone(),
@@ -452,15 +494,15 @@ async fn render_page_errors(
     };
     let locale = error
         .locale
-        .unwrap_or_else(|| state.locale_for(&headers, query_lang.as_deref(), None));
-    let browser = Browser::from_headers(&state, &headers);
+        .unwrap_or_else(|| state.locale_for(headers, query_lang.as_deref(), None));
+    let browser = Browser::from_headers(state, headers);
     let ctx = context! {
         title_key => error.title_key,
         message_key => error.message_key,
         detail => error.detail.clone().filter(|d| !d.is_empty()),
         back_url => error.back_url.clone(),
     };
-    match state.page_with_status(error.status, locale, "error.html", ctx, &browser, &headers) {
+    match state.page_with_status(error.status, locale, "error.html", ctx, &browser, headers) {
         Ok(page) => page,
         Err(_) => (error.status, "error").into_response(),
     }

@@ -1,10 +1,12 @@
 //! Prometheus metrics: requests by route and status with latency histograms, logins by outcome
 //! and level, step-ups, tokens by grant, directory latency and errors, argon2 queue depth,
 //! outbox depth and failures, lockouts.
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -43,19 +45,73 @@ pub fn spawn_upkeep() {
     });
 }
 
+/// The request counter and latency histogram of one route, registered once: building label sets
+/// and looking them up in the recorder on every request would cost more than serving JWKS.
+struct RouteMetrics {
+    route: String,
+    duration: metrics::Histogram,
+    counts: RwLock<HashMap<(Method, u16), metrics::Counter>>,
+}
+
+fn route_metrics(route: &str) -> Arc<RouteMetrics> {
+    static ROUTES: OnceLock<RwLock<HashMap<String, Arc<RouteMetrics>>>> = OnceLock::new();
+    let routes = ROUTES.get_or_init(Default::default);
+    if let Some(found) = routes.read().unwrap_or_else(|e| e.into_inner()).get(route) {
+        return found.clone();
+    }
+    let mut routes = routes.write().unwrap_or_else(|e| e.into_inner());
+    routes
+        .entry(route.to_string())
+        .or_insert_with(|| {
+            Arc::new(RouteMetrics {
+                route: route.to_string(),
+                duration: metrics::histogram!(
+                    "nidan_http_request_duration_seconds",
+                    "route" => route.to_string()
+                ),
+                counts: Default::default(),
+            })
+        })
+        .clone()
+}
+
+impl RouteMetrics {
+    fn count(&self, method: &Method, status: StatusCode) {
+        let key = (method.clone(), status.as_u16());
+        if let Some(counter) = self
+            .counts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            counter.increment(1);
+            return;
+        }
+        let mut counts = self.counts.write().unwrap_or_else(|e| e.into_inner());
+        counts
+            .entry(key)
+            .or_insert_with(|| {
+                metrics::counter!(
+                    "nidan_http_requests_total",
+                    "route" => self.route.clone(),
+                    "method" => method.to_string(),
+                    "status" => status.as_u16().to_string()
+                )
+            })
+            .increment(1);
+    }
+}
+
 pub async fn track_requests(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
-    let method = request.method().to_string();
+    let route = match request.extensions().get::<MatchedPath>() {
+        Some(path) => route_metrics(path.as_str()),
+        None => route_metrics("unmatched"),
+    };
+    let method = request.method().clone();
     let start = Instant::now();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("nidan_http_requests_total", "route" => route.clone(), "method" => method, "status" => status).increment(1);
-    metrics::histogram!("nidan_http_request_duration_seconds", "route" => route)
-        .record(start.elapsed().as_secs_f64());
+    route.duration.record(start.elapsed().as_secs_f64());
+    route.count(&method, response.status());
     response
 }
 
