@@ -20,6 +20,3 @@ fn return_large_allocations_to_the_system() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1024 * 1024);
     }
 }
-
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
