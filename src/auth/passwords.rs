@@ -26,6 +26,38 @@ pub fn hash_with(params: &Params, password: &str) -> String {
         .to_string()
 }
 
+/// `hash_with` into a reusable block buffer; the same PHC string.
+fn hash_with_memory(params: &Params, password: &str, memory: &mut Vec<Block>) -> String {
+    let salt = SaltString::encode_b64(&random_bytes::<16>()).expect("16-byte salt encodes");
+    let mut salt_buf = [0u8; 64];
+    let salt_bytes = salt
+        .as_salt()
+        .decode_b64(&mut salt_buf)
+        .expect("a salt we encoded decodes");
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
+    }
+    let mut out = vec![0u8; params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN)];
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone())
+        .hash_password_into_with_memory(
+            password.as_bytes(),
+            salt_bytes,
+            &mut out,
+            &mut memory[..blocks],
+        )
+        .expect("argon2 hashing with valid parameters");
+    let output = argon2::password_hash::Output::new(&out).expect("argon2 output length is valid");
+    format!(
+        "$argon2id$v=19$m={},t={},p={}${}${}",
+        params.m_cost(),
+        params.t_cost(),
+        params.p_cost(),
+        salt.as_str(),
+        output
+    )
+}
+
 #[cfg(test)]
 fn verify_blocking(hash: &str, password: &str) -> bool {
     verify_with_memory(hash, password, &mut Vec::new())
@@ -115,23 +147,32 @@ impl PasswordHasher {
         let real = hash.is_some();
         let hash = hash.unwrap_or(&self.dummy_hash).to_string();
         let password = password.to_string();
-        let buffers = self.buffers.clone();
         let ok = self
-            .run(move || {
-                let mut memory = buffers
-                    .lock()
-                    .map(|mut b| b.pop())
-                    .ok()
-                    .flatten()
-                    .unwrap_or_default();
-                let ok = verify_with_memory(&hash, &password, &mut memory);
-                if let Ok(mut b) = buffers.lock() {
-                    b.push(memory);
-                }
-                ok
-            })
+            .with_buffer(move |memory| verify_with_memory(&hash, &password, memory))
             .await;
         ok && real
+    }
+
+    /// Runs `work` off the runtime with one of the pooled block buffers.
+    async fn with_buffer<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Vec<Block>) -> T + Send + 'static,
+    ) -> T {
+        let buffers = self.buffers.clone();
+        self.run(move || {
+            let mut memory = buffers
+                .lock()
+                .map(|mut b| b.pop())
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            let result = work(&mut memory);
+            if let Ok(mut b) = buffers.lock() {
+                b.push(memory);
+            }
+            result
+        })
+        .await
     }
 
     /// A hash that lives at most 15 minutes on a session (the "differs from the university
@@ -144,19 +185,42 @@ impl PasswordHasher {
             self.params.clone()
         };
         let password = password.to_string();
-        self.run(move || hash_with(&params, &password)).await
+        self.with_buffer(move |memory| hash_with_memory(&params, &password, memory))
+            .await
     }
 
     pub async fn hash(&self, password: &str) -> String {
         let params = self.params.clone();
         let password = password.to_string();
-        self.run(move || hash_with(&params, &password)).await
+        self.with_buffer(move |memory| hash_with_memory(&params, &password, memory))
+            .await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooled_hashes_are_standard_phc_strings() {
+        let params = Params::new(4096, 1, 1, None).unwrap();
+        let mut memory = Vec::new();
+        let first = hash_with_memory(&params, "Secret123", &mut memory);
+        let second = hash_with_memory(&params, "Secret123", &mut memory);
+        assert_ne!(first, second, "fresh salt each time");
+        assert!(
+            first.starts_with("$argon2id$v=19$m=4096,t=1,p=1$"),
+            "{first}"
+        );
+        // The argon2 crate's own verifier accepts it, and so does nidan's.
+        let parsed = PasswordHash::new(&first).unwrap();
+        use argon2::PasswordVerifier as _;
+        assert!(Argon2::default()
+            .verify_password(b"Secret123", &parsed)
+            .is_ok());
+        assert!(verify_blocking(&first, "Secret123"));
+        assert!(!verify_blocking(&first, "Secret124"));
+    }
 
     #[tokio::test]
     async fn verifies_and_refuses() {
