@@ -324,9 +324,9 @@ fn request_span(request: &Request) -> tracing::Span {
         .unwrap_or("-");
     let method = request.method();
     let path = request.uri().path();
-    // Discovery, JWKS and the health check are answered from memory and log nothing at INFO; an
-    // INFO span, formatted as it is created, would be a tenth of their cost. At DEBUG they get one.
-    if path == "/jwks" || path.starts_with("/.well-known/") || path == "/healthz" {
+    // An INFO span, formatted as it is created, would be a tenth of these answers' cost; at DEBUG
+    // they get one.
+    if answered_from_memory(path) {
         return tracing::debug_span!("request", request_id = %id, method = %method, path = %path);
     }
     let path = if path.starts_with("/link/") {
@@ -380,27 +380,31 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+/// Discovery, JWKS and the health check: answered from memory, nothing logged at INFO.
+fn answered_from_memory(path: &str) -> bool {
+    path == "/jwks" || path == "/healthz" || path.starts_with("/.well-known/")
+}
+
 /// Paths that answer JSON or plain text and never render a page with a language switch.
 fn is_api_path(path: &str) -> bool {
-    matches!(
-        path,
-        "/jwks"
-            | "/token"
-            | "/userinfo"
-            | "/introspect"
-            | "/revoke"
-            | "/healthz"
-            | "/readyz"
-            | "/metrics"
-            | "/static/nidan.css"
-    ) || path.starts_with("/.well-known/")
+    answered_from_memory(path)
+        || matches!(
+            path,
+            "/token"
+                | "/userinfo"
+                | "/introspect"
+                | "/revoke"
+                | "/readyz"
+                | "/metrics"
+                | "/static/nidan.css"
+        )
 }
 
 /// The request headers an error page needs, copied before the request is handed on (a full copy
 /// of every request's headers would cost every request for the rare error page).
 fn page_headers(request: &Request) -> HeaderMap {
     let mut kept = HeaderMap::new();
-    for name in [header::ACCEPT_LANGUAGE, header::COOKIE] {
+    for name in [header::ACCEPT_LANGUAGE, header::COOKIE, ORIGINAL_URI] {
         for value in request.headers().get_all(&name) {
             kept.append(name.clone(), value.clone());
         }
@@ -421,10 +425,7 @@ async fn pages_and_security_headers(
         // Pages link to themselves in the other language.
         request.headers_mut().insert(ORIGINAL_URI, value);
     }
-    let mut headers = page_headers(&request);
-    if let Some(uri) = request.headers().get(ORIGINAL_URI) {
-        headers.insert(ORIGINAL_URI, uri.clone());
-    }
+    let headers = page_headers(&request);
     let query_lang = request
         .uri()
         .query()

@@ -26,11 +26,16 @@ pub fn token_digest(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// HMAC-SHA256 of `message` under `key`, hex encoded.
-pub fn keyed_digest(key: &[u8], message: &[u8]) -> String {
+/// HMAC-SHA256 of `message` under `key`.
+pub fn keyed_tag(key: &[u8], message: &[u8]) -> [u8; 32] {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts any key length");
     mac.update(message);
-    hex::encode(mac.finalize().into_bytes())
+    mac.finalize().into_bytes().into()
+}
+
+/// HMAC-SHA256 of `message` under `key`, hex encoded.
+pub fn keyed_digest(key: &[u8], message: &[u8]) -> String {
+    hex::encode(keyed_tag(key, message))
 }
 
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

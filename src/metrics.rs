@@ -1,7 +1,9 @@
 //! Prometheus metrics: requests by route and status with latency histograms, logins by outcome
 //! and level, step-ups, tokens by grant, directory latency and errors, argon2 queue depth,
 //! outbox depth and failures, lockouts.
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -53,52 +55,53 @@ struct RouteMetrics {
     counts: RwLock<HashMap<(Method, u16), metrics::Counter>>,
 }
 
-fn route_metrics(route: &str) -> Arc<RouteMetrics> {
-    static ROUTES: OnceLock<RwLock<HashMap<String, Arc<RouteMetrics>>>> = OnceLock::new();
-    let routes = ROUTES.get_or_init(Default::default);
-    if let Some(found) = routes.read().unwrap_or_else(|e| e.into_inner()).get(route) {
+/// `map[key]`, made by `make` under the write lock the first time (the read lock otherwise).
+fn get_or_insert<K, Q, V>(map: &RwLock<HashMap<K, V>>, key: &Q, make: impl FnOnce() -> (K, V)) -> V
+where
+    K: Borrow<Q> + Hash + Eq,
+    Q: Hash + Eq + ?Sized,
+    V: Clone,
+{
+    if let Some(found) = map.read().unwrap_or_else(|e| e.into_inner()).get(key) {
         return found.clone();
     }
-    let mut routes = routes.write().unwrap_or_else(|e| e.into_inner());
-    routes
-        .entry(route.to_string())
-        .or_insert_with(|| {
-            Arc::new(RouteMetrics {
-                route: route.to_string(),
-                duration: metrics::histogram!(
-                    "nidan_http_request_duration_seconds",
-                    "route" => route.to_string()
-                ),
-                counts: Default::default(),
-            })
-        })
-        .clone()
+    let mut map = map.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(found) = map.get(key) {
+        return found.clone();
+    }
+    let (key, value) = make();
+    map.insert(key, value.clone());
+    value
+}
+
+fn route_metrics(route: &str) -> Arc<RouteMetrics> {
+    static ROUTES: OnceLock<RwLock<HashMap<String, Arc<RouteMetrics>>>> = OnceLock::new();
+    get_or_insert(ROUTES.get_or_init(Default::default), route, || {
+        let metrics = RouteMetrics {
+            route: route.to_string(),
+            duration: metrics::histogram!(
+                "nidan_http_request_duration_seconds",
+                "route" => route.to_string()
+            ),
+            counts: Default::default(),
+        };
+        (route.to_string(), Arc::new(metrics))
+    })
 }
 
 impl RouteMetrics {
     fn count(&self, method: &Method, status: StatusCode) {
         let key = (method.clone(), status.as_u16());
-        if let Some(counter) = self
-            .counts
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            counter.increment(1);
-            return;
-        }
-        let mut counts = self.counts.write().unwrap_or_else(|e| e.into_inner());
-        counts
-            .entry(key)
-            .or_insert_with(|| {
-                metrics::counter!(
-                    "nidan_http_requests_total",
-                    "route" => self.route.clone(),
-                    "method" => method.to_string(),
-                    "status" => status.as_u16().to_string()
-                )
-            })
-            .increment(1);
+        get_or_insert(&self.counts, &key, || {
+            let counter = metrics::counter!(
+                "nidan_http_requests_total",
+                "route" => self.route.clone(),
+                "method" => method.to_string(),
+                "status" => status.as_u16().to_string()
+            );
+            (key.clone(), counter)
+        })
+        .increment(1);
     }
 }
 

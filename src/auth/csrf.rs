@@ -5,7 +5,7 @@ use axum::http::{header, HeaderMap};
 use super::session::{cookie_name, read_cookie, set_cookie, BROWSER_COOKIE};
 use crate::app::AppState;
 use crate::clock::random_token;
-use crate::crypto::{b64url, constant_time_eq, keyed_digest, token_digest};
+use crate::crypto::{b64url, constant_time_eq, keyed_tag, token_digest};
 
 /// The browser's random id (cookie `nidan_browser`); pending logins are bound to it.
 pub struct Browser {
@@ -33,8 +33,7 @@ impl Browser {
     }
 
     pub fn csrf_token(&self, state: &AppState) -> String {
-        let mac = keyed_digest(&state.secrets.csrf, self.token.as_bytes());
-        b64url(&hex::decode(mac).expect("hex"))
+        b64url(&keyed_tag(&state.secrets.csrf, self.token.as_bytes()))
     }
 
     /// Adds the cookie to a response's headers when it is new.

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256, Sha512};
 
 use crate::clock::{random_bytes, Timestamp};
-use crate::crypto::{b64, b64_decode, b64url, keyed_digest};
+use crate::crypto::{b64, b64_decode, b64url, keyed_tag};
 use crate::store::{DynStore, SigningKeyRow};
 
 pub const ALGORITHMS: &[&str] = &["RS256", "ES256", "EdDSA"];
@@ -65,7 +65,7 @@ impl Kek {
 
     /// A secret for one purpose, derived so that the key-encryption key itself is used only for keys.
     pub fn derive(&self, purpose: &str) -> Vec<u8> {
-        hex::decode(keyed_digest(&self.0, purpose.as_bytes())).expect("hex from keyed_digest")
+        keyed_tag(&self.0, purpose.as_bytes()).to_vec()
     }
 
     pub fn encrypt(&self, plaintext: &[u8]) -> anyhow::Result<String> {

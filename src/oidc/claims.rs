@@ -5,7 +5,7 @@ use url::Url;
 
 use crate::app::AppState;
 use crate::config::ClientSettings;
-use crate::crypto::{b64url, keyed_digest};
+use crate::crypto::{b64url, keyed_tag};
 use crate::store::Account;
 
 const PROFILE: &[&str] = &[
@@ -102,11 +102,11 @@ pub fn subject(state: &AppState, client: &ClientSettings, account_sub: &str) -> 
     } else {
         client.sector_identifier.clone()
     };
-    let digest = keyed_digest(
+    let tag = keyed_tag(
         &state.secrets.pairwise,
         format!("{sector}\u{0}{account_sub}").as_bytes(),
     );
-    b64url(&hex::decode(digest).expect("hex")[..20])
+    b64url(&tag[..20])
 }
 
 /// The `claims` parameter member for `target` ("userinfo" or "id_token").

@@ -224,46 +224,47 @@ pub async fn authenticate(
             client.token_endpoint_auth_method
         )));
     }
+    if let Err(error) = check_credentials(state, &client, &presented).await {
+        // The registration may have changed since it was cached (a new secret, new keys): ask
+        // the store once before refusing.
+        let fresh = load(state, &presented.client_id)
+            .await?
+            .filter(|fresh| {
+                fresh.token_endpoint_auth_method == presented.method
+                    && (fresh.settings != client.settings
+                        || fresh.secret_digest != client.secret_digest)
+            })
+            .ok_or(error)?;
+        check_credentials(state, &fresh, &presented).await?;
+        client = fresh;
+    }
+    Ok(client)
+}
+
+/// Checks the presented secret or assertion against one registration.
+async fn check_credentials(
+    state: &AppState,
+    client: &Client,
+    presented: &Presented,
+) -> Result<(), OAuthError> {
     match presented.method {
         "client_secret_basic" | "client_secret_post" => {
-            let secret = presented.secret.unwrap_or_default();
-            let digest = secret_digest(&state.secrets.client_secret, &secret);
-            let matches = |client: &Client| {
-                let expected = client.secret_digest.as_deref().unwrap_or_default();
-                !expected.is_empty() && constant_time_eq(digest.as_bytes(), expected.as_bytes())
-            };
-            if !matches(&client) {
-                // The registration may have changed since it was cached: ask the store once.
-                client = load(state, &presented.client_id)
-                    .await?
-                    .filter(|fresh| matches(fresh))
-                    .ok_or_else(|| {
-                        OAuthError::invalid_client("unknown client or wrong credentials")
-                    })?;
-                if client.token_endpoint_auth_method != presented.method {
-                    return Err(OAuthError::invalid_client(
-                        "unknown client or wrong credentials",
-                    ));
-                }
+            let secret = presented.secret.as_deref().unwrap_or_default();
+            let digest = secret_digest(&state.secrets.client_secret, secret);
+            let expected = client.secret_digest.as_deref().unwrap_or_default();
+            if expected.is_empty() || !constant_time_eq(digest.as_bytes(), expected.as_bytes()) {
+                return Err(OAuthError::invalid_client(
+                    "unknown client or wrong credentials",
+                ));
             }
+            Ok(())
         }
         "private_key_jwt" => {
             let assertion = presented.assertion.as_deref().unwrap_or("");
-            if let Err(error) = verify_assertion(state, &client, assertion).await {
-                // Keys may have been registered since the client was cached.
-                let Some(fresh) = load(state, &presented.client_id).await? else {
-                    return Err(error);
-                };
-                if fresh.token_endpoint_auth_method != presented.method {
-                    return Err(error);
-                }
-                verify_assertion(state, &fresh, assertion).await?;
-                client = fresh;
-            }
+            verify_assertion(state, client, assertion).await
         }
-        _ => {}
+        _ => Ok(()),
     }
-    Ok(client)
 }
 
 async fn client_jwks(state: &AppState, client: &Client) -> Result<JwkSet, OAuthError> {

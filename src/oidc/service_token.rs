@@ -4,13 +4,11 @@
 //! Resource servers still see an opaque string and ask the introspection endpoint; revoking one
 //! records its digest until it would have expired. A user's access token, by contrast, is a random
 //! reference to a stored grant, so signing out or revoking the grant ends it at once.
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 
 use crate::app::AppState;
 use crate::clock::{random_id, Timestamp};
-use crate::crypto::{b64url, b64url_decode, token_digest};
+use crate::crypto::{b64url, b64url_decode, constant_time_eq, keyed_tag, token_digest};
 use crate::error::OAuthError;
 use crate::store::{AccessToken, Grant, TokenView};
 
@@ -31,12 +29,6 @@ pub struct ServiceClaims {
     pub jti: String,
 }
 
-fn tag(key: &[u8], payload: &str) -> [u8; 32] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts any key length");
-    mac.update(payload.as_bytes());
-    mac.finalize().into_bytes().into()
-}
-
 /// Issues a token for `client_id` with `scope`, living until `expires_at`.
 pub fn issue(
     state: &AppState,
@@ -53,7 +45,7 @@ pub fn issue(
         jti: random_id(),
     };
     let payload = b64url(&serde_json::to_vec(&claims).expect("plain fields serialize"));
-    let tag = b64url(&tag(&state.secrets.client_token, &payload));
+    let tag = b64url(&keyed_tag(&state.secrets.client_token, payload.as_bytes()));
     format!("{payload}.{tag}")
 }
 
@@ -61,12 +53,10 @@ pub fn issue(
 /// (a user's access token, a forged or altered one).
 pub fn open(state: &AppState, token: &str) -> Option<ServiceClaims> {
     let (payload, presented) = token.rsplit_once('.')?;
-    let presented = b64url_decode(presented)?;
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(&state.secrets.client_token).expect("any key length");
-    mac.update(payload.as_bytes());
-    // `verify_slice` compares in constant time.
-    mac.verify_slice(&presented).ok()?;
+    let expected = keyed_tag(&state.secrets.client_token, payload.as_bytes());
+    if !constant_time_eq(&expected, &b64url_decode(presented)?) {
+        return None;
+    }
     serde_json::from_slice(&b64url_decode(payload)?).ok()
 }
 
