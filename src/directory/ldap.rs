@@ -346,16 +346,30 @@ impl LdapDirectory {
         filter: &str,
         attributes: &[String],
     ) -> Result<Found, DirectoryError> {
+        self.service_search_answer(base, scope, filter, attributes)
+            .await?
+            .map_err(SearchError::into_directory_error)
+    }
+
+    /// A search as the service account: the outer error when no connection could be had, the
+    /// inner one when the server refused the search.
+    async fn service_search_answer(
+        &self,
+        base: &str,
+        scope: Scope,
+        filter: &str,
+        attributes: &[String],
+    ) -> Result<Result<Found, SearchError>, DirectoryError> {
         loop {
             let (mut ldap, reused) = self.service_connection().await?;
             match search(&mut ldap, base, scope, filter, attributes).await {
-                Ok(found) => {
-                    self.give_back(ldap);
-                    return Ok(found);
-                }
                 // The server may have closed an idle connection; the next try connects afresh.
                 Err(SearchError::Transport(_)) if reused => continue,
-                Err(e) => return Err(e.into_directory_error()),
+                Err(SearchError::Transport(e)) => return Ok(Err(SearchError::Transport(e))),
+                answer => {
+                    self.give_back(ldap);
+                    return Ok(answer);
+                }
             }
         }
     }
@@ -577,9 +591,15 @@ impl UserDirectory for LdapDirectory {
         // Reading the root DSE is cheap and needs no rights; a new connection also proves the bind.
         let attributes = ["supportedLDAPVersion".to_string()];
         self.within_timeout(async {
-            self.service_search("", Scope::Base, "(objectClass=*)", &attributes)
-                .await
-                .map(|_| ())
+            match self
+                .service_search_answer("", Scope::Base, "(objectClass=*)", &attributes)
+                .await?
+            {
+                // insufficientAccessRights: the server answered the bound service account; some
+                // directories just do not let it read the root DSE.
+                Ok(_) | Err(SearchError::Refused(50, _)) => Ok(()),
+                Err(e) => Err(e.into_directory_error()),
+            }
         })
         .await
     }
