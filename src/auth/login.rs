@@ -9,7 +9,7 @@ use axum::response::Response;
 use minijinja::context;
 use serde::Deserialize;
 
-use super::csrf::{self, Browser};
+use super::csrf::Browser;
 use super::levels::{decide, required_level, Decision, Level};
 use super::normalize_username;
 use super::session::{self, set_cookie, SESSION_COOKIE};
@@ -23,7 +23,6 @@ use crate::enroll::Enrollment;
 use crate::error::PageError;
 use crate::metrics;
 use crate::oidc::authorize::{issue_code, load_transaction, AuthRequest};
-use crate::oidc::params::{is_form, Params};
 use crate::store::{Account, BrowserSession, LoginTransaction};
 use crate::ui::Locale;
 
@@ -128,25 +127,13 @@ pub async fn login_page(
     )
 }
 
-fn read_form(headers: &HeaderMap, body: &Bytes) -> Result<Params, PageError> {
-    if !is_form(headers) {
-        return Err(PageError::bad_request(
-            "error_invalid_request",
-            "form expected",
-        ));
-    }
-    Params::parse(body).map_err(|e| PageError::bad_request("error_invalid_request", e.describe()))
-}
-
 pub async fn login_submit(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, PageError> {
-    let params = read_form(&headers, &body)?;
-    let browser = csrf::verify(&state, &headers, params.get("csrf").unwrap_or(""))
-        .ok_or_else(PageError::csrf)?;
+    let (params, browser) = crate::enroll::read_form(&state, &headers, &body)?;
     let pending = pending(&state, params.get("tx"), &browser).await?;
     let locale = page_locale(&state, &headers, params.get("lang"), &pending);
     let username = normalize_username(params.get("username").unwrap_or(""));
@@ -434,9 +421,7 @@ pub async fn step_up_submit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, PageError> {
-    let params = read_form(&headers, &body)?;
-    let browser = csrf::verify(&state, &headers, params.get("csrf").unwrap_or(""))
-        .ok_or_else(PageError::csrf)?;
+    let (params, browser) = crate::enroll::read_form(&state, &headers, &body)?;
     let pending = pending(&state, params.get("tx"), &browser).await?;
     let locale = page_locale(&state, &headers, params.get("lang"), &pending);
     let Some((mut session, account)) = crate::enroll::signed_in(&state, &headers).await? else {

@@ -13,7 +13,7 @@ use super::userinfo::{active_access_token, active_refresh_token};
 use crate::app::AppState;
 use crate::crypto::token_digest;
 use crate::error::OAuthError;
-use crate::store::{AccessToken, Grant, TokenOwner};
+use crate::store::{Grant, TokenOwner, TokenView};
 
 async fn read(
     state: &AppState,
@@ -41,14 +41,15 @@ struct Found {
 }
 
 impl Found {
-    fn new(token: AccessToken, grant: Grant, owner: Option<TokenOwner>) -> Found {
+    fn access(view: TokenView) -> Found {
+        let token = view.token;
         Found {
-            grant,
+            grant: view.grant,
             token_type: "Bearer",
             exp: token.expires_at,
             iat: token.created_at,
             scope: token.scope,
-            owner,
+            owner: view.owner,
         }
     }
 }
@@ -97,9 +98,7 @@ pub async fn introspect(
         ["access_token", "refresh_token"]
     } {
         found = if kind == "access_token" {
-            active_access_token(&state, token)
-                .await?
-                .map(|view| Found::new(view.token, view.grant, view.owner))
+            active_access_token(&state, token).await?.map(Found::access)
         } else {
             refresh_view(&state, token).await?
         };

@@ -359,7 +359,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Redeemed<AuthorizationCode>>;
     async fn mark_code_replayed(&self, digest: &str, now: Timestamp) -> StoreResult<()>;
     async fn get_code(&self, digest: &str) -> StoreResult<Option<AuthorizationCode>>;
-    async fn set_code_grant(&self, digest: &str, grant_id: &str) -> StoreResult<()>;
 
     // Grants and tokens.
     async fn insert_grant(&self, grant: &Grant) -> StoreResult<()>;

@@ -451,15 +451,6 @@ macro_rules! sql_store {
                     .await?)
             }
 
-            async fn set_code_grant(&self, digest: &str, grant_id: &str) -> StoreResult<()> {
-                sqlx::query("UPDATE authorization_codes SET grant_id = $2 WHERE digest = $1")
-                    .bind(digest)
-                    .bind(grant_id)
-                    .execute(&self.pool)
-                    .await?;
-                Ok(())
-            }
-
             async fn insert_grant(&self, g: &Grant) -> StoreResult<()> {
                 insert_grant_with(&self.pool, g).await
             }
