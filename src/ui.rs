@@ -428,20 +428,7 @@ fn html_formatter(
     if state.auto_escape() != AutoEscape::Html || value.is_safe() {
         return minijinja::escape_formatter(out, state, value);
     }
-    let text = value.to_string();
-    let mut rest = text.as_str();
-    while let Some(at) = rest.find(['&', '<', '>', '"', '\'']) {
-        out.write_str(&rest[..at])?;
-        out.write_str(match rest.as_bytes()[at] {
-            b'&' => "&amp;",
-            b'<' => "&lt;",
-            b'>' => "&gt;",
-            b'"' => "&quot;",
-            _ => "&#x27;",
-        })?;
-        rest = &rest[at + 1..];
-    }
-    out.write_str(rest)?;
+    escape_html(out, &value.to_string())?;
     Ok(())
 }
 
@@ -462,17 +449,24 @@ fn fill(message: String, args: Kwargs) -> Result<String, Error> {
 }
 
 /// `& < > " '` escaped for HTML text and attribute values.
-fn escape_html_into(out: &mut String, text: &str) {
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#x27;"),
-            c => out.push(c),
-        }
+fn escape_html(out: &mut impl std::fmt::Write, text: &str) -> std::fmt::Result {
+    let mut rest = text;
+    while let Some(at) = rest.find(['&', '<', '>', '"', '\'']) {
+        out.write_str(&rest[..at])?;
+        out.write_str(match rest.as_bytes()[at] {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            _ => "&#x27;",
+        })?;
+        rest = &rest[at + 1..];
     }
+    out.write_str(rest)
+}
+
+fn escape_html_into(out: &mut String, text: &str) {
+    escape_html(out, text).expect("writing to a String cannot fail");
 }
 
 /// Template filter for plain text shown in HTML (the development mailbox): escapes everything and
