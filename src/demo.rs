@@ -10,8 +10,8 @@ use openidconnect::core::{
 };
 use openidconnect::{
     AuthenticationContextClass, AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl,
-    Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
-    TokenResponse,
+    LanguageTag, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl,
+    Scope, TokenResponse,
 };
 use serde::{Deserialize, Serialize};
 
@@ -91,6 +91,9 @@ struct Pending {
     state: String,
     nonce: String,
     verifier: String,
+    /// The demo page's language, asked of the login pages (`ui_locales`) and kept for the result.
+    #[serde(default)]
+    lang: Option<String>,
 }
 
 async fn oidc_client(
@@ -126,26 +129,35 @@ async fn oidc_client(
 #[derive(Deserialize)]
 pub struct StartQuery {
     level: Option<String>,
+    lang: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct PageQuery {
+    lang: Option<String>,
 }
 
 pub async fn demo_page(
     State(state): State<AppState>,
     headers: HeaderMap,
+    Query(query): Query<PageQuery>,
 ) -> Result<Response, PageError> {
-    render(&state, &headers, None, None)
+    render(&state, &headers, query.lang.as_deref(), None, None)
 }
 
 fn render(
     state: &AppState,
     headers: &HeaderMap,
+    lang: Option<&str>,
     result: Option<minijinja::Value>,
     error: Option<String>,
 ) -> Result<Response, PageError> {
     let browser = Browser::from_headers(state, headers);
-    let locale = state.locale_for(headers, None, None);
+    let locale = state.locale_for(headers, lang, None);
+    let lang = locale.as_str();
     let ctx = context! {
-        start_password_url => "/demo/start?level=password",
-        start_second_password_url => "/demo/start?level=second-password",
+        start_password_url => format!("/demo/start?level=password&lang={lang}"),
+        start_second_password_url => format!("/demo/start?level=second-password&lang={lang}"),
         result => result,
         error => error,
     };
@@ -163,7 +175,7 @@ pub async fn demo_start(
         ACR_PASSWORD
     };
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-    let (url, csrf, nonce) = client
+    let url = client
         .authorize_url(
             CoreAuthenticationFlow::AuthorizationCode,
             CsrfToken::new_random,
@@ -173,12 +185,21 @@ pub async fn demo_start(
         .add_scope(Scope::new("email".into()))
         .add_scope(Scope::new("student".into()))
         .add_auth_context_value(AuthenticationContextClass::new(acr.into()))
-        .set_pkce_challenge(challenge)
-        .url();
+        .set_pkce_challenge(challenge);
+    let lang = query
+        .lang
+        .as_deref()
+        .and_then(crate::ui::Locale::parse)
+        .map(|l| l.as_str().to_string());
+    let (url, csrf, nonce) = match &lang {
+        Some(lang) => url.add_ui_locale(LanguageTag::new(lang.clone())).url(),
+        None => url.url(),
+    };
     let pending = Pending {
         state: csrf.secret().clone(),
         nonce: nonce.secret().clone(),
         verifier: verifier.secret().clone(),
+        lang,
     };
     let cookie = b64url(&serde_json::to_vec(&pending).map_err(anyhow::Error::from)?);
     let mut response = see_other(url.as_str());
@@ -207,7 +228,7 @@ pub async fn demo_callback(
             "{error}: {}",
             callback.error_description.unwrap_or_default()
         );
-        return render(&state, &headers, None, Some(text));
+        return render(&state, &headers, None, None, Some(text));
     }
     let pending: Option<Pending> = read_cookie(
         &headers,
@@ -220,12 +241,15 @@ pub async fn demo_callback(
             &state,
             &headers,
             None,
+            None,
             Some("state mismatch: start again".into()),
         );
     };
+    let lang = pending.lang.clone();
+    let lang = lang.as_deref();
     match exchange(&state, pending, callback.code.unwrap_or_default()).await {
-        Ok(result) => render(&state, &headers, Some(result), None),
-        Err(e) => render(&state, &headers, None, Some(format!("{e:#}"))),
+        Ok(result) => render(&state, &headers, lang, Some(result), None),
+        Err(e) => render(&state, &headers, lang, None, Some(format!("{e:#}"))),
     }
 }
 
