@@ -287,12 +287,19 @@ pub async fn login_submit(
         }
         other => other,
     };
-    let (mut session, cookie, _) =
-        session::sign_in(&state, existing, &account.id, second_checked).await?;
     // Kept 15 minutes for the "differs from the university password" rule; never the password.
-    session.university_password_hash = Some(state.hasher.hash_short_lived(password).await);
-    session.university_password_hash_until = Some(state.clock.now() + UNIVERSITY_HASH_LIFETIME);
-    state.store.update_session(&session).await?;
+    let university_hash = (
+        state.hasher.hash_short_lived(password).await,
+        state.clock.now() + UNIVERSITY_HASH_LIFETIME,
+    );
+    let (session, cookie, _) = session::sign_in(
+        &state,
+        existing,
+        &account.id,
+        second_checked,
+        university_hash,
+    )
+    .await?;
     let level = if second_checked {
         "second-password"
     } else {

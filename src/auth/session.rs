@@ -94,6 +94,7 @@ pub async fn sign_in(
     existing: Option<BrowserSession>,
     account_id: &str,
     second_password_checked: bool,
+    (university_hash, university_hash_until): (String, Timestamp),
 ) -> StoreResult<(BrowserSession, String, Option<BrowserSession>)> {
     let now = state.clock.now();
     let cookie = random_token();
@@ -107,6 +108,8 @@ pub async fn sign_in(
             if second_at.is_some() {
                 session.second_password_at = second_at;
             }
+            session.university_password_hash = Some(university_hash);
+            session.university_password_hash_until = Some(university_hash_until);
             state.store.update_session(&session).await?;
             Ok((session, cookie, None))
         }
@@ -124,8 +127,8 @@ pub async fn sign_in(
                 expires_at: now + absolute,
                 password_at: now,
                 second_password_at: second_at,
-                university_password_hash: None,
-                university_password_hash_until: None,
+                university_password_hash: Some(university_hash),
+                university_password_hash_until: Some(university_hash_until),
                 ended_at: None,
             };
             state.store.insert_session(&session).await?;
